@@ -1,0 +1,742 @@
+//! The wire codec: client frames in, server frames out (PROTOCOL.md, Frames).
+//!
+//! Decoding is "parse, don't validate": a [`Request`] that comes out of
+//! [`decode_client`] holds a valid room name, a valid `id` and well-formed
+//! fields, or decoding failed with the protocol's error code. `data` is kept as
+//! the client's raw JSON text and copied verbatim into the outgoing `message`,
+//! so the server never re-serializes a payload.
+//!
+//! Encoding writes each server frame once into a [`Bytes`]; the same buffer is
+//! then handed to every recipient.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::ErrorCode;
+use crate::ids::{RoomName, RoomNameError};
+
+/// Maximum length in bytes of a frame `id` string.
+pub const MAX_ID_BYTES: usize = 64;
+/// Maximum length in bytes of an `event` name.
+pub const MAX_EVENT_BYTES: usize = 128;
+
+/// A decoded client frame with its optional `id`.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    /// The client's `id` (a number or a string of at most 64 bytes) as raw
+    /// JSON, echoed verbatim in the `ack` or `error` that answers the frame.
+    pub id: Option<&'a RawValue>,
+    /// What the client asked for.
+    pub frame: ClientFrame<'a>,
+}
+
+/// The client frame types of PROTOCOL.md, validated.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ClientFrame<'a> {
+    /// Subscribe to `room`, optionally replaying what was missed since `since`.
+    Join {
+        /// The room.
+        room: RoomName,
+        /// The last `seq` and `epoch` the client saw.
+        since: Option<Since<'a>>,
+        /// Whether this session wants the room's `presence` join/leave events
+        /// (default true; only rooms whose policy announces presence send them).
+        presence: bool,
+    },
+    /// Unsubscribe from `room`.
+    Leave {
+        /// The room.
+        room: RoomName,
+    },
+    /// Publish `data` to every member of `room`.
+    Publish {
+        /// The room.
+        room: RoomName,
+        /// Any JSON, raw.
+        data: &'a RawValue,
+        /// An application event name.
+        event: Option<Cow<'a, str>>,
+        /// Whether the sender receives its own message (default true).
+        echo: bool,
+    },
+    /// Send `data` to every session of a user, or to one session.
+    Direct {
+        /// The recipient.
+        to: Target<'a>,
+        /// Any JSON, raw.
+        data: &'a RawValue,
+        /// An application event name.
+        event: Option<Cow<'a, str>>,
+    },
+    /// Asks for a `pong`.
+    Ping,
+    /// Answers a server `ping`.
+    Pong,
+    /// Asks for the member list of `room`.
+    Presence {
+        /// The room.
+        room: RoomName,
+    },
+}
+
+impl ClientFrame<'_> {
+    /// The frame's `type` as written on the wire.
+    #[must_use]
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Join { .. } => "join",
+            Self::Leave { .. } => "leave",
+            Self::Publish { .. } => "publish",
+            Self::Direct { .. } => "direct",
+            Self::Ping => "ping",
+            Self::Pong => "pong",
+            Self::Presence { .. } => "presence",
+        }
+    }
+}
+
+/// The `since` of a `join`: the last message the client saw.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Since<'a> {
+    /// The last `seq` seen.
+    pub seq: u64,
+    /// The `epoch` it was seen in.
+    #[serde(borrow)]
+    pub epoch: Cow<'a, str>,
+}
+
+/// The recipient of a `direct` frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// Every session of this user.
+    User(Cow<'a, str>),
+    /// The one session with this sid.
+    Sid(Cow<'a, str>),
+}
+
+/// A client frame that could not be decoded.
+#[derive(Debug, Clone)]
+pub struct DecodeError<'a> {
+    /// The protocol error code.
+    pub code: ErrorCode,
+    /// What is wrong, for humans.
+    pub message: Cow<'static, str>,
+    /// The frame's `id`, when one could be read, so the `error` can carry it.
+    pub id: Option<&'a RawValue>,
+    /// The frame's room, when one could be read.
+    pub room: Option<RoomName>,
+}
+
+impl<'a> DecodeError<'a> {
+    fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            id: None,
+            room: None,
+        }
+    }
+}
+
+/// Every field any client frame may have, each kept raw so that a field of the
+/// wrong kind is reported as `invalid_frame` naming the field, not as a parse
+/// failure of the whole frame. Unknown fields are ignored.
+#[derive(Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", default, borrow, deserialize_with = "present")]
+    ty: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    room: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    presence: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    event: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    echo: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    to: Option<&'a RawValue>,
+}
+
+/// `Option<&RawValue>` would read `null` as absent; `data: null` is present.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+struct RawTarget<'a> {
+    #[serde(default, borrow)]
+    user: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    sid: Option<Cow<'a, str>>,
+}
+
+/// Decodes and validates one client frame.
+///
+/// The caller checks `max_frame_bytes` first (the [`Hub`](crate::Hub) does).
+///
+/// # Errors
+/// A [`DecodeError`] with `invalid_json`, `invalid_frame`, `unknown_type` or
+/// `invalid_room`, carrying the frame's `id` when it could be read.
+pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
+    // serde would accept a JSON array as a struct written positionally.
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidJson,
+            "a frame must be a JSON object",
+        ));
+    }
+    let raw: RawFrame<'_> = serde_json::from_slice(bytes).map_err(|e| {
+        if e.is_data() {
+            // Only a duplicated field can fail here: every field is raw.
+            DecodeError::new(ErrorCode::InvalidFrame, format!("malformed frame: {e}"))
+        } else {
+            DecodeError::new(ErrorCode::InvalidJson, "the frame is not valid JSON")
+        }
+    })?;
+
+    let id = match raw.id {
+        None => None,
+        Some(id) => Some(validate_id(id)?),
+    };
+    let with_id = |e: DecodeError<'static>| DecodeError {
+        code: e.code,
+        message: e.message,
+        id,
+        room: e.room,
+    };
+    let ty: Cow<'_, str> = match raw.ty {
+        None => return Err(with_id(missing("type"))),
+        Some(v) => field(v, "type", "a string").map_err(with_id)?,
+    };
+
+    let frame = match &*ty {
+        "join" => {
+            let room = room_field(raw.room).map_err(with_id)?;
+            let since = match raw.since {
+                None => None,
+                Some(v) => Some(
+                    field::<Since<'_>>(v, "since", "an object {\"seq\": u64, \"epoch\": string}")
+                        .map_err(|e| with_room(with_id(e), &room))?,
+                ),
+            };
+            let presence = opt_field(raw.presence, "presence", "a boolean")
+                .map_err(|e| with_room(with_id(e), &room))?
+                .unwrap_or(true);
+            ClientFrame::Join {
+                room,
+                since,
+                presence,
+            }
+        }
+        "leave" => ClientFrame::Leave {
+            room: room_field(raw.room).map_err(with_id)?,
+        },
+        "presence" => ClientFrame::Presence {
+            room: room_field(raw.room).map_err(with_id)?,
+        },
+        "publish" => {
+            let room = room_field(raw.room).map_err(with_id)?;
+            let data = raw
+                .data
+                .ok_or_else(|| with_room(with_id(missing("data")), &room))?;
+            let event = event_field(raw.event).map_err(|e| with_room(with_id(e), &room))?;
+            let echo = opt_field(raw.echo, "echo", "a boolean")
+                .map_err(|e| with_room(with_id(e), &room))?
+                .unwrap_or(true);
+            ClientFrame::Publish {
+                room,
+                data,
+                event,
+                echo,
+            }
+        }
+        "direct" => {
+            let to = raw.to.ok_or_else(|| with_id(missing("to")))?;
+            let target: RawTarget<'_> =
+                field(to, "to", "an object {\"user\"} or {\"sid\"}").map_err(with_id)?;
+            let to = match (target.user, target.sid) {
+                (Some(user), None) => Target::User(user),
+                (None, Some(sid)) => Target::Sid(sid),
+                _ => {
+                    return Err(with_id(DecodeError::new(
+                        ErrorCode::InvalidFrame,
+                        "`to` must have exactly one of `user` or `sid`, a string",
+                    )))
+                }
+            };
+            let data = raw.data.ok_or_else(|| with_id(missing("data")))?;
+            let event = event_field(raw.event).map_err(with_id)?;
+            ClientFrame::Direct { to, data, event }
+        }
+        "ping" => ClientFrame::Ping,
+        "pong" => ClientFrame::Pong,
+        _ => {
+            return Err(with_id(DecodeError::new(
+                ErrorCode::UnknownType,
+                "unknown frame type",
+            )))
+        }
+    };
+    Ok(Request { id, frame })
+}
+
+fn with_room<'a>(mut e: DecodeError<'a>, room: &RoomName) -> DecodeError<'a> {
+    e.room = Some(room.clone());
+    e
+}
+
+fn missing(name: &'static str) -> DecodeError<'static> {
+    DecodeError::new(ErrorCode::InvalidFrame, format!("missing field `{name}`"))
+}
+
+fn field<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    name: &'static str,
+    kind: &'static str,
+) -> Result<T, DecodeError<'static>> {
+    serde_json::from_str(raw.get()).map_err(|_| {
+        DecodeError::new(
+            ErrorCode::InvalidFrame,
+            format!("field `{name}` must be {kind}"),
+        )
+    })
+}
+
+fn opt_field<'a, T: Deserialize<'a>>(
+    raw: Option<&'a RawValue>,
+    name: &'static str,
+    kind: &'static str,
+) -> Result<Option<T>, DecodeError<'static>> {
+    raw.map(|v| field(v, name, kind)).transpose()
+}
+
+fn room_field(raw: Option<&RawValue>) -> Result<RoomName, DecodeError<'static>> {
+    let raw = raw.ok_or_else(|| missing("room"))?;
+    let name: Cow<'_, str> = field(raw, "room", "a string")?;
+    RoomName::new(&name).map_err(|e| {
+        DecodeError::new(
+            ErrorCode::InvalidRoom,
+            match e {
+                RoomNameError::Empty => "room name is empty",
+                RoomNameError::TooLong => "room name is longer than 128 bytes",
+                _ => "room name may only hold A-Z a-z 0-9 _ - . : /",
+            },
+        )
+    })
+}
+
+fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeError<'static>> {
+    let event: Option<Cow<'_, str>> = opt_field(raw, "event", "a string")?;
+    if event.as_ref().is_some_and(|e| e.len() > MAX_EVENT_BYTES) {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidFrame,
+            "field `event` is longer than 128 bytes",
+        ));
+    }
+    Ok(event)
+}
+
+fn validate_id(id: &RawValue) -> Result<&RawValue, DecodeError<'static>> {
+    let text = id.get();
+    let ok = match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(text)
+            .map(|s| s.len() <= MAX_ID_BYTES)
+            .unwrap_or(false),
+        Some(b'-' | b'0'..=b'9') => true,
+        _ => false,
+    };
+    if ok {
+        Ok(id)
+    } else {
+        Err(DecodeError::new(
+            ErrorCode::InvalidFrame,
+            "field `id` must be a number or a string of at most 64 bytes",
+        ))
+    }
+}
+
+/// Who sent a `message` or `direct` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum From<'a> {
+    /// A client session.
+    Session {
+        /// The sender's sid.
+        sid: &'a str,
+        /// The sender's user id.
+        user: &'a str,
+    },
+    /// The application itself.
+    Server {
+        /// Always `true`.
+        server: bool,
+    },
+}
+
+impl From<'_> {
+    /// The application as sender: `{"server": true}`.
+    pub const SERVER: Self = Self::Server { server: true };
+}
+
+/// `welcome.heartbeat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HeartbeatInfo {
+    /// Silence after which the server pings.
+    pub interval_ms: u64,
+    /// Further silence after which the server closes.
+    pub timeout_ms: u64,
+}
+
+/// `welcome.limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LimitsInfo {
+    /// Largest client frame accepted.
+    pub max_frame_bytes: usize,
+    /// Most rooms one session may be in.
+    pub max_rooms: usize,
+    /// Client frames per second allowed on average.
+    pub rate_per_sec: u32,
+}
+
+/// `presence.action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceAction {
+    /// A user's first session joined.
+    Join,
+    /// A user's last session left.
+    Leave,
+    /// Answer to a `presence` request.
+    List,
+}
+
+/// Every server frame type of PROTOCOL.md, borrowing its parts.
+///
+/// Encode with [`ServerFrame::encode`]; the result is shared by every recipient.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+#[allow(missing_docs)] // The fields are the protocol's, documented in PROTOCOL.md.
+pub enum ServerFrame<'a> {
+    Welcome {
+        sid: &'a str,
+        heartbeat: HeartbeatInfo,
+        limits: LimitsInfo,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+    },
+    Joined {
+        room: &'a str,
+        seq: u64,
+        epoch: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        members: Option<usize>,
+    },
+    Message {
+        room: &'a str,
+        seq: u64,
+        epoch: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<&'a str>,
+        from: From<'a>,
+        data: &'a RawValue,
+        ts: u64,
+    },
+    Direct {
+        from: From<'a>,
+        data: &'a RawValue,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        event: Option<&'a str>,
+    },
+    Presence {
+        room: &'a str,
+        action: PresenceAction,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        user: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        members: Option<Vec<&'a str>>,
+        count: usize,
+    },
+    Ack {
+        id: &'a RawValue,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+    },
+    Ping,
+    Pong,
+    Close {
+        code: u16,
+        reason: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// Encodes the frame as one JSON object.
+    #[must_use]
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(self.size_hint());
+        // Writing into a Vec cannot fail, and every field serializes: strings,
+        // numbers and already-valid raw JSON.
+        serde_json::to_writer(&mut out, self).expect("server frames always serialize");
+        Bytes::from(out)
+    }
+
+    fn size_hint(&self) -> usize {
+        match self {
+            Self::Message { data, .. } | Self::Direct { data, .. } => 160 + data.get().len(),
+            _ => 96,
+        }
+    }
+
+    /// The frame's `type` as written on the wire.
+    #[must_use]
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::Welcome { .. } => "welcome",
+            Self::Joined { .. } => "joined",
+            Self::Message { .. } => "message",
+            Self::Direct { .. } => "direct",
+            Self::Presence { .. } => "presence",
+            Self::Ack { .. } => "ack",
+            Self::Error { .. } => "error",
+            Self::Ping => "ping",
+            Self::Pong => "pong",
+            Self::Close { .. } => "close",
+        }
+    }
+}
+
+/// The `error` and `close` frames for a client refused before it had a session
+/// (`server_full` with 1013, or a refusal from authentication or origin checks
+/// with 1008), for transports to send before closing.
+#[must_use]
+pub fn encode_refusal(code: ErrorCode, message: &str, close_code: u16) -> [Bytes; 2] {
+    [
+        ServerFrame::Error {
+            code,
+            message,
+            id: None,
+            room: None,
+        }
+        .encode(),
+        ServerFrame::Close {
+            code: close_code,
+            reason: code.as_str(),
+        }
+        .encode(),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(input: &str) -> ErrorCode {
+        decode_client(input.as_bytes()).unwrap_err().code
+    }
+
+    #[test]
+    fn decodes_every_client_frame_type() {
+        let r = decode_client(
+            br#"{"type":"join","room":"a","since":{"seq":3,"epoch":"e"},"presence":false,"id":7}"#,
+        )
+        .unwrap();
+        assert_eq!(r.id.unwrap().get(), "7");
+        assert!(
+            matches!(r.frame, ClientFrame::Join { ref room, since: Some(ref s), presence: false } if room.as_str()=="a" && s.seq==3 && s.epoch=="e")
+        );
+        let r = decode_client(br#"{"type":"leave","room":"a"}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Leave { .. }));
+        let r =
+            decode_client(br#"{"type":"publish","room":"a","data":null,"event":"x","echo":false}"#)
+                .unwrap();
+        assert!(
+            matches!(r.frame, ClientFrame::Publish { data, echo: false, event: Some(ref e), .. } if data.get()=="null" && e=="x")
+        );
+        let r = decode_client(br#"{"type":"direct","to":{"user":"bob"},"data":[1]}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Direct { to: Target::User(ref u), .. } if u=="bob"));
+        let r = decode_client(br#"{"type":"direct","to":{"sid":"s1"},"data":{}}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Direct { to: Target::Sid(ref u), .. } if u=="s1"));
+        assert!(matches!(
+            decode_client(br#"{"type":"ping"}"#).unwrap().frame,
+            ClientFrame::Ping
+        ));
+        assert!(matches!(
+            decode_client(br#"{"type":"pong"}"#).unwrap().frame,
+            ClientFrame::Pong
+        ));
+        let r = decode_client(br#"{"type":"presence","room":"a","id":"q"}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Presence { .. }));
+    }
+
+    #[test]
+    fn ignores_unknown_fields() {
+        let r = decode_client(br#"{"type":"ping","future":{"a":[1,2]},"x":1}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Ping));
+    }
+
+    #[test]
+    fn invalid_json() {
+        assert_eq!(code("nope"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code("\"s\""), ErrorCode::InvalidJson);
+        assert_eq!(code("{\"type\":"), ErrorCode::InvalidJson);
+        assert_eq!(code("{} {}"), ErrorCode::InvalidJson);
+        assert_eq!(code(""), ErrorCode::InvalidJson);
+    }
+
+    #[test]
+    fn invalid_frame() {
+        assert_eq!(code("{}"), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":1}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":5}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","since":{"seq":-1,"epoch":"e"}}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"a","presence":"yes"}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","room":"a"}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","room":"a","data":1,"echo":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"publish","room":"a","data":1,"event":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        let long_event = format!(
+            r#"{{"type":"publish","room":"a","data":1,"event":"{}"}}"#,
+            "e".repeat(129)
+        );
+        assert_eq!(code(&long_event), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"direct","data":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":{},"data":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":{"user":"a","sid":"b"},"data":1}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"direct","to":{"user":"a"}}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"ping","id":true}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"ping","id":{"a":1}}"#),
+            ErrorCode::InvalidFrame
+        );
+        let long_id = format!(r#"{{"type":"ping","id":"{}"}}"#, "i".repeat(65));
+        assert_eq!(code(&long_id), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"ping","type":"pong"}"#),
+            ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
+    fn unknown_type_keeps_the_id() {
+        let e = decode_client(br#"{"type":"subscribe","id":"x1"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::UnknownType);
+        assert_eq!(e.id.unwrap().get(), "\"x1\"");
+    }
+
+    #[test]
+    fn invalid_room() {
+        assert_eq!(code(r#"{"type":"join","room":""}"#), ErrorCode::InvalidRoom);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a b"}"#),
+            ErrorCode::InvalidRoom
+        );
+        assert_eq!(
+            code(r#"{"type":"leave","room":"é"}"#),
+            ErrorCode::InvalidRoom
+        );
+        let long = format!(
+            r#"{{"type":"publish","room":"{}","data":1}}"#,
+            "r".repeat(129)
+        );
+        assert_eq!(code(&long), ErrorCode::InvalidRoom);
+        let ok = format!(
+            r#"{{"type":"publish","room":"{}","data":1}}"#,
+            "r".repeat(128)
+        );
+        assert!(decode_client(ok.as_bytes()).is_ok());
+        assert!(decode_client(br#"{"type":"join","room":"A-z_0.9:x/y"}"#).is_ok());
+        // Escapes are decoded before the rules apply.
+        assert!(decode_client(br#"{"type":"join","room":"a\/b"}"#).is_ok());
+        assert_eq!(
+            code(r#"{"type":"join","room":"a\u0000"}"#),
+            ErrorCode::InvalidRoom
+        );
+    }
+
+    #[test]
+    fn encodes_messages_with_raw_data() {
+        let data = RawValue::from_string(r#"{"progress":30}"#.to_owned()).unwrap();
+        let frame = ServerFrame::Message {
+            room: "job_42",
+            seq: 17,
+            epoch: "k3Jx9a",
+            event: Some("job_progress"),
+            from: From::SERVER,
+            data: &data,
+            ts: 1,
+        }
+        .encode();
+        assert_eq!(
+            &frame[..],
+            br#"{"type":"message","room":"job_42","seq":17,"epoch":"k3Jx9a","event":"job_progress","from":{"server":true},"data":{"progress":30},"ts":1}"#
+        );
+        let ping = ServerFrame::Ping.encode();
+        assert_eq!(&ping[..], br#"{"type":"ping"}"#);
+        let dm = ServerFrame::Direct {
+            from: From::Session {
+                sid: "s\"1",
+                user: "<a>",
+            },
+            data: &data,
+            event: None,
+        }
+        .encode();
+        let v: serde_json::Value = serde_json::from_slice(&dm).unwrap();
+        assert_eq!(v["from"]["sid"], "s\"1");
+    }
+}

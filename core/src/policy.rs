@@ -1,0 +1,167 @@
+//! The application's rules: who may join and publish where, and what a room keeps.
+
+use std::time::Duration;
+
+use crate::codec::Target;
+use crate::ids::{RoomName, UserId};
+
+/// Who a session is, as decided by the caller's authentication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Identity {
+    /// The user; all of a user's sessions (tabs) share it.
+    pub user: UserId,
+    /// Whatever else authentication learned (JWT claims, roles), for the
+    /// policy to read. `Null` when there is nothing.
+    pub claims: serde_json::Value,
+}
+
+impl Identity {
+    /// An identity with no claims.
+    #[must_use]
+    pub fn new(user: impl Into<UserId>) -> Self {
+        Self {
+            user: user.into(),
+            claims: serde_json::Value::Null,
+        }
+    }
+
+    /// The same identity with `claims`.
+    #[must_use]
+    pub fn with_claims(mut self, claims: serde_json::Value) -> Self {
+        self.claims = claims;
+        self
+    }
+}
+
+/// Who may publish to a room from a client session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PublishRule {
+    /// Members of the room only; others get `not_joined`. The default.
+    Members,
+    /// Any session, member or not.
+    Anyone,
+    /// No client; only the application publishes (server-side publish). Clients get `forbidden`.
+    ServerOnly,
+}
+
+/// What a room keeps and announces, decided by the policy when the room is created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomOptions {
+    /// Messages kept for recovery through `since`. Default 100; 0 keeps none.
+    pub history: usize,
+    /// How long a room with history but no members keeps it before the room is
+    /// freed. Default 5 minutes. Bounds memory for rooms nobody comes back to.
+    pub history_ttl: Duration,
+    /// Whether join/leave `presence` events are sent and `presence` requests
+    /// answered (and `joined` carries `members`). Default true.
+    pub presence: bool,
+}
+
+impl Default for RoomOptions {
+    fn default() -> Self {
+        Self {
+            history: 100,
+            history_ttl: Duration::from_secs(300),
+            presence: true,
+        }
+    }
+}
+
+impl RoomOptions {
+    /// Keeps `n` messages.
+    #[must_use]
+    pub fn history(mut self, n: usize) -> Self {
+        self.history = n;
+        self
+    }
+
+    /// Keeps an empty room's history for `ttl`.
+    #[must_use]
+    pub fn history_ttl(mut self, ttl: Duration) -> Self {
+        self.history_ttl = ttl;
+        self
+    }
+
+    /// Announces presence or not.
+    #[must_use]
+    pub fn presence(mut self, on: bool) -> Self {
+        self.presence = on;
+        self
+    }
+}
+
+/// The application's authorization and room rules: a plain trait object, no
+/// async, called inside the core on every join, publish and direct. Keep it
+/// fast and pure; decide from the identity (and its claims) and the room name.
+///
+/// Every method has a permissive default, so a policy overrides only what it
+/// restricts.
+///
+/// # Example: job rooms only their owner may join, where only the server publishes
+///
+/// ```
+/// use switchboard_core::{Identity, Policy, PublishRule, RoomName, RoomOptions};
+///
+/// struct Jobs;
+///
+/// impl Policy for Jobs {
+///     fn may_join(&self, who: &Identity, room: &RoomName) -> bool {
+///         match room.as_str().strip_prefix("job_") {
+///             // The application names job rooms `job_{owner}_{n}`.
+///             Some(rest) => rest.split('_').next() == Some(who.user.as_str()),
+///             None => true,
+///         }
+///     }
+///     fn publish_rule(&self, _who: &Identity, room: &RoomName) -> PublishRule {
+///         if room.as_str().starts_with("job_") {
+///             PublishRule::ServerOnly
+///         } else {
+///             PublishRule::Members
+///         }
+///     }
+///     fn room_options(&self, room: &RoomName) -> RoomOptions {
+///         if room.as_str().starts_with("job_") {
+///             // Keep the last events so a late page still sees the outcome.
+///             RoomOptions::default().history(16).presence(false)
+///         } else {
+///             RoomOptions::default()
+///         }
+///     }
+/// }
+///
+/// let alice = Identity::new("alice");
+/// let room = RoomName::new("job_alice_7").unwrap();
+/// assert!(Jobs.may_join(&alice, &room));
+/// assert!(!Jobs.may_join(&Identity::new("bob"), &room));
+/// assert_eq!(Jobs.publish_rule(&alice, &room), PublishRule::ServerOnly);
+/// ```
+pub trait Policy: Send + Sync + 'static {
+    /// May this identity join this room? Refused joins get `forbidden`.
+    fn may_join(&self, _who: &Identity, _room: &RoomName) -> bool {
+        true
+    }
+
+    /// Who may publish to this room from this identity's sessions.
+    fn publish_rule(&self, _who: &Identity, _room: &RoomName) -> PublishRule {
+        PublishRule::Members
+    }
+
+    /// May this identity send a direct message to this target? Refused: `forbidden`.
+    fn may_direct(&self, _who: &Identity, _to: &Target<'_>) -> bool {
+        true
+    }
+
+    /// The options of a room, asked once when the room is created.
+    fn room_options(&self, _room: &RoomName) -> RoomOptions {
+        RoomOptions::default()
+    }
+}
+
+/// Anyone may join any room and direct anyone; members publish; every room
+/// keeps 100 messages and announces presence.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenPolicy;
+
+impl Policy for OpenPolicy {}

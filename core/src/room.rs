@@ -1,0 +1,151 @@
+//! Per-room state: members, presence, sequence and history.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use indexmap::IndexMap;
+
+use crate::ids::{Epoch, RoomName, SessionKey, UserId};
+use crate::policy::RoomOptions;
+use crate::time::Timestamp;
+use crate::HashState;
+
+pub(crate) struct Room {
+    pub(crate) name: RoomName,
+    pub(crate) epoch: Epoch,
+    /// The latest `seq` published; 0 before the first message.
+    pub(crate) seq: u64,
+    pub(crate) options: RoomOptions,
+    /// Members and whether each wants presence events.
+    pub(crate) members: IndexMap<SessionKey, bool, HashState>,
+    /// Sessions per user, so a user's tabs count once.
+    pub(crate) users: HashMap<UserId, u32, HashState>,
+    /// Members that asked for no presence events.
+    pub(crate) quiet_members: usize,
+    /// The last `options.history` messages, oldest first.
+    pub(crate) history: VecDeque<(u64, Bytes)>,
+    /// The member list shared by broadcasts; `None` after membership changed.
+    snapshot: Option<Arc<[SessionKey]>>,
+    /// Last publish, or when the last member left: starts the history TTL.
+    pub(crate) last_activity: Timestamp,
+    /// Deadline of this room's live entry in the timer queue.
+    pub(crate) timer_at: Option<Timestamp>,
+}
+
+impl Room {
+    pub(crate) fn new(
+        name: RoomName,
+        epoch: Epoch,
+        options: RoomOptions,
+        now: Timestamp,
+        hash: &HashState,
+    ) -> Self {
+        Self {
+            name,
+            epoch,
+            seq: 0,
+            options,
+            members: IndexMap::with_hasher(hash.clone()),
+            users: HashMap::with_hasher(hash.clone()),
+            quiet_members: 0,
+            history: VecDeque::new(),
+            snapshot: None,
+            last_activity: now,
+            timer_at: None,
+        }
+    }
+
+    /// Adds a member; returns true when it is the user's first session here.
+    pub(crate) fn add_member(&mut self, key: SessionKey, user: &UserId, presence: bool) -> bool {
+        self.members.insert(key, presence);
+        self.quiet_members += usize::from(!presence);
+        self.snapshot = None;
+        let tabs = self.users.entry(user.clone()).or_insert(0);
+        *tabs += 1;
+        *tabs == 1
+    }
+
+    /// Removes a member; returns true when it was the user's last session here.
+    pub(crate) fn remove_member(&mut self, key: SessionKey, user: &UserId) -> bool {
+        let Some(presence) = self.members.swap_remove(&key) else {
+            return false;
+        };
+        self.quiet_members -= usize::from(!presence);
+        self.snapshot = None;
+        match self.users.get_mut(user) {
+            Some(tabs) if *tabs > 1 => {
+                *tabs -= 1;
+                false
+            }
+            Some(_) => {
+                self.users.remove(user);
+                true
+            }
+            // Invariant: every member's user is counted in `users`.
+            None => false,
+        }
+    }
+
+    /// Changes whether a member wants presence events.
+    pub(crate) fn set_presence(&mut self, key: SessionKey, presence: bool) {
+        if let Some(flag) = self.members.get_mut(&key) {
+            if *flag != presence {
+                *flag = presence;
+                if presence {
+                    self.quiet_members -= 1;
+                } else {
+                    self.quiet_members += 1;
+                }
+            }
+        }
+    }
+
+    /// All members, shared; rebuilt only after membership changed.
+    pub(crate) fn members_shared(&mut self) -> Arc<[SessionKey]> {
+        self.snapshot
+            .get_or_insert_with(|| self.members.keys().copied().collect())
+            .clone()
+    }
+
+    /// Appends a message to the bounded history.
+    pub(crate) fn remember(&mut self, seq: u64, frame: Bytes) {
+        if self.options.history == 0 {
+            return;
+        }
+        if self.history.len() == self.options.history {
+            self.history.pop_front();
+        }
+        self.history.push_back((seq, frame));
+    }
+
+    /// The retained messages after `since`, when they are everything published
+    /// after it in this epoch; `None` when the client must reload instead.
+    pub(crate) fn recover(
+        &self,
+        since_seq: u64,
+        since_epoch: &str,
+    ) -> Option<impl Iterator<Item = &Bytes>> {
+        if since_epoch != self.epoch.as_str() || since_seq > self.seq {
+            return None;
+        }
+        if since_seq < self.seq {
+            let oldest = self.history.front()?.0;
+            if oldest > since_seq + 1 {
+                return None;
+            }
+        }
+        // Seqs in history are consecutive, so the first wanted one is at a known offset.
+        let skip = self
+            .history
+            .front()
+            .map_or(0, |(oldest, _)| (since_seq + 1).saturating_sub(*oldest));
+        let skip = usize::try_from(skip).unwrap_or(usize::MAX);
+        Some(self.history.iter().skip(skip).map(|(_, frame)| frame))
+    }
+
+    /// A room with no members and no history costs memory for nothing.
+    pub(crate) fn is_disposable(&self) -> bool {
+        self.members.is_empty() && self.history.is_empty()
+    }
+}

@@ -1,0 +1,2 @@
+//! Proptest strategies for property-testing policies against the real core
+//! (feature `proptest`).
