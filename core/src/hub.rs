@@ -969,8 +969,15 @@ impl Hub {
             });
         }
         self.stats.closes[reason.index()] += 1;
-        if reason == CloseReason::HeartbeatTimeout {
-            self.stats.errors[ErrorCode::HeartbeatTimeout.index()] += 1;
+        // Closes that the protocol also names as error codes count as errors.
+        let code = match reason {
+            CloseReason::HeartbeatTimeout => Some(ErrorCode::HeartbeatTimeout),
+            CloseReason::SlowConsumer => Some(ErrorCode::SlowConsumer),
+            CloseReason::FrameTooLarge => Some(ErrorCode::FrameTooLarge),
+            _ => None,
+        };
+        if let Some(code) = code {
+            self.stats.errors[code.index()] += 1;
         }
         for id in session.rooms {
             let Some(r) = self.rooms.get_mut(id) else {

@@ -1,0 +1,135 @@
+//! Each session's bounded outbound queue.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use bytes::Bytes;
+use switchboard_core::{CloseReason, FrameKind};
+use tokio::sync::Notify;
+
+/// One encoded server frame, shared by all its recipients: queueing it for a
+/// member costs one reference count.
+#[derive(Debug)]
+pub struct OutFrame {
+    /// The frame's JSON.
+    pub bytes: Bytes,
+    /// Its type (and, for a `message`, its room, seq and epoch).
+    pub kind: FrameKind,
+}
+
+/// A session's outbound queue, bounded in bytes.
+///
+/// The task that runs the core pushes into it and never waits; the
+/// connection's writer drains it whole, so frames queued while a write was in
+/// progress go out together in the next write. When a push would pass the
+/// bound the session is closed as `slow_consumer`: what is queued is dropped
+/// (the client recovers through `since`) and only the `close` frame remains.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    max_bytes: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Arc<OutFrame>>,
+    bytes: usize,
+    overflowed: bool,
+    closed: Option<CloseReason>,
+}
+
+/// What [`Outbox::recv`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Frames were moved into the batch; the session goes on.
+    Frames,
+    /// The session is over: write the batch (it ends with the `close` frame, if
+    /// any), then close the transport with this reason's code.
+    Closed(CloseReason),
+}
+
+impl Outbox {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    // A std Mutex: it is held only for a few pointer moves and never across an await.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a frame; false when the queue overflowed (the caller closes the
+    /// session as a slow consumer). `close` frames are always accepted.
+    pub(crate) fn push(&self, frame: &Arc<OutFrame>) -> bool {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return true;
+        }
+        let is_close = frame.kind == FrameKind::Close;
+        if state.overflowed && !is_close {
+            return false;
+        }
+        let len = frame.bytes.len();
+        if !is_close && state.bytes + len > self.max_bytes {
+            state.overflowed = true;
+            state.frames.clear();
+            state.bytes = 0;
+            return false;
+        }
+        let was_empty = state.frames.is_empty();
+        state.bytes += len;
+        state.frames.push_back(Arc::clone(frame));
+        drop(state);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// Marks the session over; the writer drains what is queued, then closes.
+    pub(crate) fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.closed = Some(reason);
+        }
+        drop(state);
+        self.ready.notify_one();
+    }
+
+    /// Bytes queued now.
+    #[must_use]
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Moves everything queued into `batch` without waiting; `None` when there
+    /// was nothing and the session goes on.
+    pub fn try_recv(&self, batch: &mut Vec<Arc<OutFrame>>) -> Option<Drained> {
+        let mut state = self.lock();
+        let had = !state.frames.is_empty();
+        batch.extend(state.frames.drain(..));
+        state.bytes = 0;
+        match state.closed {
+            Some(reason) => Some(Drained::Closed(reason)),
+            None if had => Some(Drained::Frames),
+            None => None,
+        }
+    }
+
+    /// Waits until frames are queued or the session is over, then moves
+    /// everything queued into `batch`.
+    pub async fn recv(&self, batch: &mut Vec<Arc<OutFrame>>) -> Drained {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(drained) = self.try_recv(batch) {
+                return drained;
+            }
+            notified.await;
+        }
+    }
+}

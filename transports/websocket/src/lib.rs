@@ -1,0 +1,300 @@
+//! Switchboard over raw WebSocket, on tokio-tungstenite.
+//!
+//! One upgrade path serves every framework: [`upgrade`] takes any
+//! `http::Request` that a hyper-based server produced (warp, axum, salvo,
+//! plain hyper), checks the handshake headers, admits the client (origin,
+//! authentication), answers `101 Switching Protocols` and runs the session on
+//! the upgraded connection in a task. [`serve`] does the same on a plain TCP
+//! listener with no framework at all.
+//!
+//! Limits follow PROTOCOL.md: a client frame over `max_frame_bytes` is refused
+//! by tungstenite's own limits before it is buffered and the connection closes
+//! with 1009; a full server closes with 1013; a refused origin or credential
+//! with 1008 after an `error` frame saying why. tungstenite's default buffers
+//! (128 KiB each way) would cost a quarter of a megabyte per idle connection;
+//! [`websocket_config`] sizes them for many idle connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use switchboard_core::codec::encode_refusal;
+use switchboard_core::{CloseReason, Identity, Liveness};
+use switchboard_runtime::{Drained, OutFrame, Refusal, Session, Switchboard};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+/// Bytes tungstenite reads at once. Client frames are small; larger ones grow
+/// the buffer on demand up to `max_frame_bytes`. 128 KiB (the default) per
+/// idle connection is what this avoids.
+pub const READ_BUFFER_BYTES: usize = 1024;
+
+/// The accept backlog of [`bind`]: the default 128 overflows when hundreds of
+/// clients reconnect at once after a restart.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// tungstenite's limits for a Switchboard: messages and frames capped at
+/// `max_frame_bytes`, small read buffer, and a write buffer that lets a whole
+/// batch of queued frames go out in one write.
+#[must_use]
+pub fn websocket_config(switchboard: &Switchboard) -> WebSocketConfig {
+    let max_frame = switchboard.config().max_frame_bytes;
+    let max_outbound = switchboard.runtime_config().max_outbound_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        // Frames are fed in a batch and flushed once: nothing is written
+        // before the flush unless a batch passes this size.
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(max_outbound.max(64 * 1024) * 2)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame))
+}
+
+/// Whether a request asks for a WebSocket upgrade.
+#[must_use]
+pub fn is_upgrade_request<B>(request: &Request<B>) -> bool {
+    let has_token = |name: header::HeaderName, token: &str| {
+        request.headers().get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    request.method() == http::Method::GET
+        && has_token(header::CONNECTION, "upgrade")
+        && has_token(header::UPGRADE, "websocket")
+}
+
+/// Completes a WebSocket handshake on any hyper-served request and runs the
+/// session on the upgraded connection.
+///
+/// The request must come from a hyper server with upgrades enabled (warp,
+/// axum and `hyper::server::conn::http1` with `.with_upgrades()` all qualify).
+/// A refused client still gets the upgrade, then an `error` frame and a close
+/// with 1008 (or 1013 when full), which a browser can read; an HTTP status it
+/// could not.
+pub async fn upgrade<B>(
+    switchboard: &Switchboard,
+    mut request: Request<B>,
+) -> Response<Empty<Bytes>> {
+    if !is_upgrade_request(&request) {
+        return status(StatusCode::BAD_REQUEST);
+    }
+    if request
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        let mut response = status(StatusCode::UPGRADE_REQUIRED);
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return response;
+    }
+    let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let (parts, _body) = request.into_parts();
+    let admitted = switchboard.admit(&parts).await;
+    let config = websocket_config(switchboard);
+    let sb = switchboard.clone();
+    switchboard.tasks().spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
+                run_connection(&sb, ws, admitted).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = code;
+    response
+}
+
+/// Runs one admitted (or refused) client over an established WebSocket until
+/// either side ends it. Frameworks that hand over a ready `WebSocketStream`
+/// can call this directly.
+pub async fn run_connection<S>(
+    switchboard: &Switchboard,
+    mut ws: WebSocketStream<S>,
+    admitted: Result<Identity, Refusal>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let session = admitted.and_then(|identity| switchboard.open(identity, Liveness::Client));
+    match session {
+        Ok(session) => run_session(&session, &mut ws).await,
+        Err(refusal) => {
+            let [error, close] =
+                encode_refusal(refusal.code, &refusal.message, refusal.close_code());
+            let timeout = switchboard.runtime_config().write_timeout;
+            let _ = tokio::time::timeout(timeout, async {
+                ws.feed(text(error)).await?;
+                ws.feed(text(close)).await?;
+                ws.close(Some(close_frame(
+                    refusal.close_code(),
+                    refusal.code.as_str(),
+                )))
+                .await
+            })
+            .await;
+        }
+    }
+}
+
+async fn run_session<S>(session: &Session, ws: &mut WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut batch: Vec<Arc<OutFrame>> = Vec::new();
+    let write_timeout = session.write_timeout();
+    loop {
+        tokio::select! {
+            drained = session.outbox().recv(&mut batch) => {
+                let written = tokio::time::timeout(write_timeout, write_batch(session, ws, &mut batch)).await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return; // dead or stalled socket: dropping the session frees it
+                }
+                if let Drained::Closed(reason) = drained {
+                    let frame = close_frame(reason.code(), reason.as_str());
+                    let _ = tokio::time::timeout(write_timeout, ws.close(Some(frame))).await;
+                    return;
+                }
+            }
+            incoming = ws.next() => match incoming {
+                Some(Ok(Message::Text(frame))) => session.handle_frame(frame.as_bytes()),
+                Some(Ok(Message::Binary(frame))) => session.handle_frame(&frame),
+                // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Close(_))) | None => {
+                    // Send tungstenite's queued close reply, then let the session go.
+                    let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
+                    return;
+                }
+                Some(Err(tungstenite::Error::Capacity(_))) => {
+                    // Over max_frame_bytes: the core queues `close` and the
+                    // outbox branch closes with 1009 after flushing.
+                    session.close(CloseReason::FrameTooLarge);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(sid = %session.sid(), error = %e, "websocket read failed");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn write_batch<S>(
+    session: &Session,
+    ws: &mut WebSocketStream<S>,
+    batch: &mut Vec<Arc<OutFrame>>,
+) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut bytes = 0;
+    for frame in batch.drain(..) {
+        bytes += frame.bytes.len();
+        ws.feed(text(frame.bytes.clone())).await?;
+    }
+    ws.flush().await?;
+    session.count_written(bytes);
+    Ok(())
+}
+
+fn text(frame: Bytes) -> Message {
+    // The core encodes frames with serde_json, which writes UTF-8 only.
+    match Utf8Bytes::try_from(frame) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Binary(Bytes::from_static(b"{}")),
+    }
+}
+
+fn close_frame(code: u16, reason: &str) -> CloseFrame {
+    CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.to_owned().into(),
+    }
+}
+
+/// Binds a TCP listener with a large accept backlog ([`LISTEN_BACKLOG`]).
+///
+/// # Errors
+/// When the address cannot be bound.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves Switchboard's WebSocket endpoint (any path) on a plain TCP listener,
+/// with no framework, until shutdown starts.
+pub async fn serve(listener: TcpListener, switchboard: Switchboard) {
+    let cancel = switchboard.shutdown_token();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => return,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let sb = switchboard.clone();
+        switchboard.tasks().spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let sb = sb.clone();
+                async move { Ok::<_, Infallible>(upgrade(&sb, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "http connection failed");
+            }
+        });
+    }
+}
