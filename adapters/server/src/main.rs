@@ -1,1 +1,178 @@
-fn main() {}
+//! `switchboard`: the standalone Switchboard server, for teams whose backend
+//! is not Rust. It serves WebSocket clients at `/ws`, Prometheus metrics at
+//! `/metrics`, and the HTTP publish API (`POST /api/publish`, `POST
+//! /api/direct`) through which a backend in any language pushes to rooms and
+//! users. Every limit is a flag; `switchboard --help` lists them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use switchboard_core::{Config, Identity, Policy, PublishRule, RoomName, RoomOptions};
+use switchboard_runtime::{
+    AllowOrigins, JwtAuthenticator, RuntimeConfig, Switchboard, TrustClientName,
+};
+use warp::Filter;
+
+/// The standalone Switchboard server.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// Bearer key of the HTTP publish API (also read from SWITCHBOARD_API_KEY). Without one the API is off.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// How clients authenticate: `jwt` (HS256 tokens, user = `sub`) or `trust` (the token is the user name; demos only).
+    #[arg(long, value_enum, default_value_t = AuthMode::Jwt)]
+    auth: AuthMode,
+    /// HS256 secret for `--auth jwt` (also read from SWITCHBOARD_JWT_SECRET).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// Browser origin allowed to connect besides the server's own (repeatable; `*` allows all).
+    #[arg(long = "origin")]
+    origins: Vec<String>,
+    /// Most sessions at once (then `server_full`, close 1013).
+    #[arg(long, default_value_t = 100_000)]
+    max_sessions: usize,
+    /// Largest client frame in bytes (then `frame_too_large`, close 1009).
+    #[arg(long, default_value_t = 65_536)]
+    max_frame_bytes: usize,
+    /// Most rooms one session may join.
+    #[arg(long, default_value_t = 100)]
+    max_rooms: usize,
+    /// Client frames per second per session.
+    #[arg(long, default_value_t = 50)]
+    rate_per_sec: u32,
+    /// Client frames a session may send in a burst.
+    #[arg(long, default_value_t = 100)]
+    rate_burst: u32,
+    /// Refused frames within the error window that close a session (1008).
+    #[arg(long, default_value_t = 10)]
+    max_errors: u32,
+    /// The error window, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    error_window_ms: u64,
+    /// Silence after which the server pings, in milliseconds.
+    #[arg(long, default_value_t = 25_000)]
+    heartbeat_interval_ms: u64,
+    /// Further silence before `heartbeat_timeout`, in milliseconds.
+    #[arg(long, default_value_t = 20_000)]
+    heartbeat_timeout_ms: u64,
+    /// How long a detached (long-poll) session lives without a poll, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    session_idle_ms: u64,
+    /// Bytes a session's outbound queue may hold before it is closed as `slow_consumer`.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_outbound_bytes: usize,
+    /// Messages each room keeps for recovery (0 keeps none).
+    #[arg(long, default_value_t = 100)]
+    history: usize,
+    /// Seconds an empty room keeps its history.
+    #[arg(long, default_value_t = 300)]
+    history_ttl_secs: u64,
+    /// Rooms with this name prefix take publishes only from the server (repeatable), e.g. `job_`.
+    #[arg(long = "server-only-prefix")]
+    server_only_prefixes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AuthMode {
+    Jwt,
+    Trust,
+}
+
+/// Rooms keep `--history`; `--server-only-prefix` rooms take only server publishes.
+struct ServerPolicy {
+    options: RoomOptions,
+    server_only: Vec<String>,
+}
+
+impl Policy for ServerPolicy {
+    fn publish_rule(&self, _who: &Identity, room: &RoomName) -> PublishRule {
+        if self
+            .server_only
+            .iter()
+            .any(|p| room.as_str().starts_with(p.as_str()))
+        {
+            PublishRule::ServerOnly
+        } else {
+            PublishRule::Members
+        }
+    }
+
+    fn room_options(&self, _room: &RoomName) -> RoomOptions {
+        self.options
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+
+    let mut config = Config::default();
+    config.max_sessions = args.max_sessions;
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_rooms_per_session = args.max_rooms;
+    config.rate_per_sec = args.rate_per_sec;
+    config.rate_burst = args.rate_burst;
+    config.max_errors = args.max_errors;
+    config.error_window = Duration::from_millis(args.error_window_ms);
+    config.heartbeat_interval = Duration::from_millis(args.heartbeat_interval_ms);
+    config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms);
+    config.session_idle = Duration::from_millis(args.session_idle_ms);
+    let mut runtime = RuntimeConfig::default();
+    runtime.max_outbound_bytes = args.max_outbound_bytes;
+
+    let policy = ServerPolicy {
+        options: RoomOptions::default()
+            .history(args.history)
+            .history_ttl(Duration::from_secs(args.history_ttl_secs)),
+        server_only: args.server_only_prefixes.clone(),
+    };
+    let builder = Switchboard::builder()
+        .config(config)
+        .runtime_config(runtime)
+        .policy(policy)
+        .origins(AllowOrigins::new(args.origins.clone()));
+    let builder = match args.auth {
+        AuthMode::Jwt => {
+            let secret = args
+                .jwt_secret
+                .as_deref()
+                .ok_or("--auth jwt needs --jwt-secret (or SWITCHBOARD_JWT_SECRET); use --auth trust for a demo")?;
+            builder.authenticator(JwtAuthenticator::hs256(secret.as_bytes()))
+        }
+        AuthMode::Trust => builder.authenticator(TrustClientName),
+    };
+    let switchboard = builder.build()?;
+
+    let mut options = switchboard_warp::Options::default();
+    options.api_key = args.api_key.clone();
+    if options.api_key.is_none() {
+        tracing::warn!("no --api-key: the HTTP publish API is off");
+    }
+    let routes = switchboard_warp::routes(&switchboard, options)
+        .or(warp::path::end().map(|| "switchboard: connect to /ws\n"));
+
+    let listener = switchboard_websocket::bind(args.listen)?;
+    tracing::info!(addr = %listener.local_addr()?, "switchboard listening");
+    let sb = switchboard.clone();
+    let shutdown = async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        sb.shutdown().await;
+    };
+    warp::serve(routes)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+    Ok(())
+}

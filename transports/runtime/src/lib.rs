@@ -36,6 +36,9 @@
 mod auth;
 mod clock;
 mod error;
+pub mod http_api;
+#[cfg(feature = "jwt")]
+mod jwt;
 mod metrics;
 mod outbox;
 mod switchboard;
@@ -45,6 +48,8 @@ pub use auth::{
     DEFAULT_COOKIE,
 };
 pub use error::Error;
+#[cfg(feature = "jwt")]
+pub use jwt::JwtAuthenticator;
 pub use metrics::Metrics;
 pub use outbox::{Drained, OutFrame, Outbox};
 pub use switchboard::{BuildError, Builder, RuntimeConfig, Session, Switchboard};
