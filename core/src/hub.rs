@@ -625,7 +625,12 @@ impl Hub {
             members: r.options.presence.then_some(r.users.len()),
         }
         .encode();
-        self.deliver(Recipients::one(key), joined, FrameKind::Joined);
+        let kind = FrameKind::Joined {
+            room: r.name.clone(),
+            seq: r.seq,
+            epoch: r.epoch.clone(),
+        };
+        self.deliver(Recipients::one(key), joined, kind);
         Ok(())
     }
 

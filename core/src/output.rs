@@ -42,7 +42,13 @@ pub struct Delivery {
 #[allow(missing_docs)] // One variant per server frame type of PROTOCOL.md.
 pub enum FrameKind {
     Welcome,
-    Joined,
+    /// A successful join, with the room's position at that moment (SSE
+    /// starts a room's cursor here).
+    Joined {
+        room: RoomName,
+        seq: u64,
+        epoch: Epoch,
+    },
     /// A room message, with its place in the room's sequence.
     Message {
         room: RoomName,
@@ -64,7 +70,7 @@ impl FrameKind {
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::Welcome => "welcome",
-            Self::Joined => "joined",
+            Self::Joined { .. } => "joined",
             Self::Message { .. } => "message",
             Self::Direct => "direct",
             Self::Presence => "presence",

@@ -1,5 +1,6 @@
-//! Mounts Switchboard in a warp app: `/ws`, `/metrics` and the HTTP publish
-//! API (`POST /api/publish`, `POST /api/direct`).
+//! Mounts Switchboard in a warp app: the three transports (`/ws`, `/sse`,
+//! `/sse/send`, `/poll/open`, `/poll`, `/poll/send`), `/metrics` and the HTTP
+//! publish API (`POST /api/publish`, `POST /api/direct`).
 //!
 //! Thin glue: each route turns warp's view of the request back into an
 //! `http::Request` and hands it to the transport or the runtime, which own
@@ -23,10 +24,11 @@ use http::Request;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use hyper::upgrade::OnUpgrade;
+use switchboard_longpoll::LongPoll;
 use switchboard_runtime::http_api::{self, ApiCall};
 use switchboard_runtime::Switchboard;
 use warp::filters::BoxedFilter;
-use warp::Filter;
+use warp::{Filter, Reply};
 
 /// What the adapter mounts besides the WebSocket endpoint.
 #[derive(Debug, Clone, Default)]
@@ -52,6 +54,10 @@ pub fn routes(
     options: Options,
 ) -> BoxedFilter<(warp::reply::Response,)> {
     websocket(switchboard)
+        .or(sse(switchboard))
+        .unify()
+        .or(longpoll(switchboard))
+        .unify()
         .or(metrics(switchboard))
         .unify()
         .or(api(switchboard, &options))
@@ -83,6 +89,63 @@ pub fn websocket(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Respons
         .boxed()
 }
 
+/// `GET /sse` and `POST /sse/send`: the Server-Sent Events transport.
+#[must_use]
+pub fn sse(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
+    let sb = switchboard.clone();
+    let stream = warp::path("sse")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(request_head())
+        .then(move |request: Request<()>| {
+            let sb = sb.clone();
+            async move {
+                let (parts, body) = switchboard_sse::handle(&sb, request).await.into_parts();
+                let mut response = warp::reply::stream(body).into_response();
+                *response.status_mut() = parts.status;
+                *response.headers_mut() = parts.headers;
+                response
+            }
+        });
+    let sb = switchboard.clone();
+    let send = warp::path!("sse" / "send")
+        .and(request_with_body())
+        .then(move |request| {
+            let sb = sb.clone();
+            async move { to_warp(switchboard_sse::send(&sb, request).await) }
+        });
+    stream.or(send).unify().boxed()
+}
+
+/// `POST /poll/open`, `GET /poll`, `POST /poll/send`: the long-poll transport.
+#[must_use]
+pub fn longpoll(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
+    let transport = LongPoll::new(switchboard.clone());
+    let lp = transport.clone();
+    let open = warp::path!("poll" / "open")
+        .and(request_head())
+        .then(move |request| {
+            let lp = lp.clone();
+            async move { to_warp(lp.open(request).await) }
+        });
+    let lp = transport.clone();
+    let send = warp::path!("poll" / "send")
+        .and(request_with_body())
+        .then(move |request| {
+            let lp = lp.clone();
+            async move { to_warp(lp.send(request).await) }
+        });
+    let poll = warp::path("poll")
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(request_head())
+        .then(move |request| {
+            let lp = transport.clone();
+            async move { to_warp(lp.poll(request).await) }
+        });
+    open.or(send).unify().or(poll).unify().boxed()
+}
+
 /// `GET /metrics`: Prometheus text.
 #[must_use]
 pub fn metrics(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
@@ -106,18 +169,26 @@ pub fn api(switchboard: &Switchboard, options: &Options) -> BoxedFilter<(warp::r
     warp::path("api")
         .and(call)
         .and(warp::path::end())
-        .and(request_head())
-        .and(warp::body::stream())
-        .then(move |call, head: Request<()>, body| {
+        .and(request_with_body())
+        .then(move |call, request| {
             let sb = sb.clone();
             let key = key.clone();
-            async move {
-                let body = StreamBody::new(TryStreamExt::map_ok(body, chunk_frame));
-                let request = head.map(|()| body);
-                to_warp(http_api::handle(&sb, key.as_deref(), call, request).await)
-            }
+            async move { to_warp(http_api::handle(&sb, key.as_deref(), call, request).await) }
         })
         .boxed()
+}
+
+/// The request with its body as an `http_body::Body` (read, bounded, by the
+/// handler).
+fn request_with_body() -> impl Filter<
+    Extract = (Request<impl http_body::Body<Data = Bytes, Error = warp::Error> + Send>,),
+    Error = warp::Rejection,
+> + Clone {
+    request_head()
+        .and(warp::body::stream())
+        .map(|head: Request<()>, body| {
+            head.map(|()| StreamBody::new(TryStreamExt::map_ok(body, chunk_frame)))
+        })
 }
 
 /// The request line and headers as an `http::Request` (warp takes the body

@@ -203,6 +203,108 @@ fn failure(e: &crate::Error) -> Response<Bytes> {
     error(status, e.code(), &e.to_string())
 }
 
+/// Bytes a `send` body may hold: a few frames' worth. Each frame is still held
+/// to `max_frame_bytes` and the rate limit by the core.
+fn send_body_limit(switchboard: &Switchboard) -> usize {
+    switchboard.config().max_frame_bytes.saturating_mul(4)
+}
+
+/// `POST …/send?sid=…` of the SSE and long-poll transports: the body is one
+/// client frame or a JSON array of frames, applied in order to the session
+/// `sid`, which must belong to the requester's identity. Replies (acks,
+/// errors) travel on the session's stream or poll, like over WebSocket;
+/// this answers `202 {"accepted": n}` once they are applied.
+pub async fn send<B>(switchboard: &Switchboard, request: Request<B>) -> Response<Bytes>
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    if request.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidFrame,
+            "use POST",
+        );
+    }
+    let (parts, body) = request.into_parts();
+    let key = match session_of(switchboard, &parts).await {
+        Ok(key) => key,
+        Err(response) => return response,
+    };
+    let limit = send_body_limit(switchboard);
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::FrameTooLarge,
+                &format!("body larger than {limit} bytes"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidJson,
+                "could not read the body",
+            )
+        }
+    };
+    let frames = split_frames(&body);
+    for frame in &frames {
+        switchboard.handle_frame(key, frame);
+    }
+    json(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({"accepted": frames.len()}),
+    )
+}
+
+/// The session named by the request's `sid` query parameter, if it is open
+/// and belongs to the requester (authenticated again on every request).
+/// Refusals answer 403 alike for unknown and foreign sids, so a request
+/// cannot probe which sids exist.
+///
+/// # Errors
+/// The response to send instead.
+pub async fn session_of(
+    switchboard: &Switchboard,
+    parts: &http::request::Parts,
+) -> Result<switchboard_core::SessionKey, Response<Bytes>> {
+    let identity = switchboard
+        .admit(parts)
+        .await
+        .map_err(|refusal| error(refusal.http_status(), refusal.code, &refusal.message))?;
+    let sid = crate::query_param(parts.uri.query().unwrap_or(""), "sid").ok_or_else(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidFrame,
+            "missing `sid`",
+        )
+    })?;
+    switchboard
+        .find_session(&sid, identity.user.as_str())
+        .ok_or_else(|| {
+            error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "no session of yours with that sid",
+            )
+        })
+}
+
+/// One frame, or each element of a JSON array of frames, as raw bytes.
+/// Anything else is passed on whole, for the core to refuse with its code.
+#[must_use]
+pub fn split_frames(body: &[u8]) -> Vec<&[u8]> {
+    let first = body.iter().position(|b| !b.is_ascii_whitespace());
+    if first.map(|i| body[i]) == Some(b'[') {
+        if let Ok(items) = serde_json::from_slice::<Vec<&RawValue>>(body) {
+            return items.into_iter().map(|raw| raw.get().as_bytes()).collect();
+        }
+    }
+    vec![body]
+}
+
 /// `{"error": {"code", "message"}}` with `status`.
 #[must_use]
 pub fn error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Bytes> {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::Bytes;
 use switchboard_core::{CloseReason, FrameKind};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// One encoded server frame, shared by all its recipients: queueing it for a
 /// member costs one reference count.
@@ -28,6 +29,7 @@ pub struct OutFrame {
 pub struct Outbox {
     state: Mutex<State>,
     ready: Notify,
+    ended: CancellationToken,
     max_bytes: usize,
 }
 
@@ -54,6 +56,7 @@ impl Outbox {
         Self {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
+            ended: CancellationToken::new(),
             max_bytes,
         }
     }
@@ -99,6 +102,19 @@ impl Outbox {
         }
         drop(state);
         self.ready.notify_one();
+        self.ended.cancel();
+    }
+
+    /// Completes once the session is over (closed by the core). Transports
+    /// that hold sessions between requests (long-poll) free them on it.
+    pub async fn ended(&self) {
+        self.ended.cancelled().await;
+    }
+
+    /// Whether the session is over.
+    #[must_use]
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_cancelled()
     }
 
     /// Bytes queued now.

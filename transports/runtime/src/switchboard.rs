@@ -507,6 +507,19 @@ impl Switchboard {
         })
     }
 
+    /// Applies one client frame to the session `key` (found with
+    /// [`Switchboard::find_session`]), for transports whose client frames
+    /// arrive on a request of their own (SSE and long-poll `send`).
+    pub fn handle_frame(&self, key: SessionKey, frame: &[u8]) {
+        self.shared.wire.add_in(frame.len());
+        let result = self
+            .shared
+            .run(|inner, now| inner.hub.handle_frame(now, key, frame));
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "client frame refused");
+        }
+    }
+
     /// The open session with this sid, if it belongs to `user`: the check that
     /// makes a sid useless to anyone but the identity that opened it.
     #[must_use]
