@@ -1,6 +1,7 @@
 //! Mounts Switchboard in a warp app: the three transports (`/ws`, `/sse`,
-//! `/sse/send`, `/poll/open`, `/poll`, `/poll/send`), `/metrics` and the HTTP
-//! publish API (`POST /api/publish`, `POST /api/direct`).
+//! `/sse/send`, `/poll/open`, `/poll`, `/poll/send`), the browser client
+//! (`/switchboard.js`), `/metrics` and the HTTP publish API (`POST
+//! /api/publish`, `POST /api/direct`).
 //!
 //! Thin glue: each route turns warp's view of the request back into an
 //! `http::Request` and hands it to the transport or the runtime, which own
@@ -59,6 +60,8 @@ pub fn routes(
         .or(longpoll(switchboard))
         .unify()
         .or(metrics(switchboard))
+        .unify()
+        .or(client_script())
         .unify()
         .or(api(switchboard, &options))
         .unify()
@@ -144,6 +147,31 @@ pub fn longpoll(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response
             async move { to_warp(lp.poll(request).await) }
         });
     open.or(send).unify().or(poll).unify().boxed()
+}
+
+/// The browser client (`transports/browser/switchboard.js`), one ES module.
+pub const SWITCHBOARD_JS: &str = include_str!("../../../transports/browser/switchboard.js");
+
+/// `GET /switchboard.js`: the browser client.
+#[must_use]
+pub fn client_script() -> BoxedFilter<(warp::reply::Response,)> {
+    warp::path("switchboard.js")
+        .and(warp::path::end())
+        .and(warp::get())
+        .map(|| {
+            let mut response = http::Response::new(Bytes::from_static(SWITCHBOARD_JS.as_bytes()));
+            let headers = response.headers_mut();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/javascript; charset=utf-8"),
+            );
+            headers.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-cache"),
+            );
+            to_warp(response)
+        })
+        .boxed()
 }
 
 /// `GET /metrics`: Prometheus text.
