@@ -34,6 +34,7 @@
 //! ```
 
 mod auth;
+pub mod broker;
 mod clock;
 mod error;
 pub mod http_api;

@@ -1,0 +1,164 @@
+//! The seam to a cluster broker (Redis): what a node asks of it, and what it
+//! hears from it.
+//!
+//! With a broker, room messages are sequenced once for the whole cluster:
+//! the broker assigns `seq` and `epoch`, keeps the history, and fans every
+//! message out to each node that has members in the room, in one order. Each
+//! node delivers what it hears to its local members. Without one (the
+//! default) everything stays in process.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use switchboard_core::{Epoch, RoomName, Sid, UserId};
+use tokio::sync::mpsc;
+
+/// What a node hears from the cluster, in the order the broker sent it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum BrokerEvent {
+    /// A room message, sequenced by the broker.
+    Message {
+        /// The room.
+        room: RoomName,
+        /// Its `seq`.
+        seq: u64,
+        /// The room's `epoch`.
+        epoch: Epoch,
+        /// The complete `message` frame.
+        frame: Bytes,
+        /// The publishing session (`echo: false`), which must not receive it.
+        exclude: Option<Sid>,
+    },
+    /// A presence announcement for a room.
+    Presence {
+        /// The room.
+        room: RoomName,
+        /// The complete `presence` frame.
+        frame: Bytes,
+        /// The session whose join or leave it announces.
+        exclude: Option<Sid>,
+    },
+    /// A direct message for a user's or a session's sessions on this node.
+    Direct {
+        /// Who receives it.
+        to: DirectTo,
+        /// The complete `direct` frame.
+        frame: Bytes,
+    },
+    /// The connection to the broker came back after a loss: messages may
+    /// have been missed meanwhile, so rooms must be brought up to date.
+    Reconnected,
+}
+
+/// The recipient of a direct message across the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DirectTo {
+    /// Every session of a user.
+    User(UserId),
+    /// One session.
+    Sid(Sid),
+}
+
+/// A subscription a node holds while it has local interest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// A room's messages and presence (while the node has members in it).
+    Room(RoomName),
+    /// Direct messages to a user (while the node has a session of the user).
+    User(UserId),
+    /// Direct messages to one session (while it is open on this node).
+    Sid(Sid),
+}
+
+/// A publish for the broker to sequence and fan out.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishRequest<'a> {
+    /// The room.
+    pub room: &'a RoomName,
+    /// The message's fields after `epoch`, as a JSON fragment (`"event":…,
+    /// "from":…,"data":…,"ts":…`), encoded once by the core.
+    pub body: &'a str,
+    /// The publishing session when it asked for `echo: false`.
+    pub exclude: Option<&'a Sid>,
+    /// Messages of history the room keeps (its policy).
+    pub history: usize,
+    /// How long the room's state outlives its last message.
+    pub history_ttl: Duration,
+    /// An epoch for the room if its history starts now (drawn by the runtime).
+    pub new_epoch: &'a str,
+}
+
+/// A room's place in the cluster's sequence, and what a joining client missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomState {
+    /// The latest `seq`.
+    pub seq: u64,
+    /// The history epoch.
+    pub epoch: Epoch,
+    /// Users present in the room across the cluster.
+    pub users: usize,
+    /// With `since`: every message after it, in order, when the broker still
+    /// has all of them in this epoch; `None` when it cannot replay.
+    pub replay: Option<Vec<(u64, Bytes)>>,
+}
+
+/// The broker could not do what was asked; nothing was half done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("broker unavailable: {0}")]
+pub struct BrokerError(pub String);
+
+/// A cluster broker. Every call may fail while the broker is unreachable;
+/// the runtime then refuses the operation with a clear error (nothing is
+/// queued without bound) and keeps local sessions connected.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Starts listening; events go to `events` in the broker's order.
+    /// Implementations reconnect by themselves (with backoff) and send
+    /// [`BrokerEvent::Reconnected`] after a loss.
+    async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError>;
+
+    /// Sequences a room message and fans it out to every subscribed node
+    /// (this one included). Returns its `seq` and `epoch`.
+    async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError>;
+
+    /// The room's latest seq and epoch (starting its history with `new_epoch`
+    /// if it has none), and with `since` the messages after it.
+    async fn room_state(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, &str)>,
+        new_epoch: &str,
+        history_ttl: Duration,
+    ) -> Result<RoomState, BrokerError>;
+
+    /// Starts receiving a channel's events (returns once subscribed).
+    async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError>;
+
+    /// Stops receiving a channel's events.
+    async fn unsubscribe(&self, channel: &Channel);
+
+    /// Sends a direct frame to a user's or a session's node(s); returns how
+    /// many nodes had a recipient (0: nobody anywhere).
+    async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError>;
+
+    /// Records that `user` joined (or left, `joined == false`) `room` on this
+    /// node; when `announce`, tells the room's members (but `subject`) if it
+    /// is the user's first (or last) session in the whole cluster. Returns the
+    /// room's user count.
+    async fn presence(
+        &self,
+        room: &RoomName,
+        user: &UserId,
+        joined: bool,
+        subject: &Sid,
+        announce: bool,
+    ) -> Result<usize, BrokerError>;
+
+    /// The room's last `limit` messages (encoded frames), oldest first.
+    async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError>;
+
+    /// The users present in a room across the cluster.
+    async fn presence_list(&self, room: &RoomName) -> Result<Vec<String>, BrokerError>;
+}
