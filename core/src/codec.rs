@@ -196,6 +196,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
             "a frame must be a JSON object",
         ));
     }
+    // serde_json checks the UTF-8 of the strings it keeps, not of those it
+    // skips (unknown fields), so without this a frame that is not UTF-8, hence
+    // not JSON (PROTOCOL.md, Frames), could be accepted.
+    if std::str::from_utf8(bytes).is_err() {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidJson,
+            "the frame is not valid UTF-8",
+        ));
+    }
     let raw: RawFrame<'_> = serde_json::from_slice(bytes).map_err(|e| {
         if e.is_data() {
             // Only a duplicated field can fail here: every field is raw.
@@ -215,7 +224,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
         id,
         room: e.room,
     };
-    let ty: Cow<'_, str> = match raw.ty {
+    let Str(ty) = match raw.ty {
         None => return Err(with_id(missing("type"))),
         Some(v) => field(v, "type", "a string").map_err(with_id)?,
     };
@@ -226,8 +235,12 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
             let since = match raw.since {
                 None => None,
                 Some(v) => Some(
-                    field::<Since<'_>>(v, "since", "an object {\"seq\": u64, \"epoch\": string}")
-                        .map_err(|e| with_room(with_id(e), &room))?,
+                    object_field::<Since<'_>>(
+                        v,
+                        "since",
+                        "an object {\"seq\": u64, \"epoch\": string}",
+                    )
+                    .map_err(|e| with_room(with_id(e), &room))?,
                 ),
             };
             let presence = opt_field(raw.presence, "presence", "a boolean")
@@ -254,6 +267,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
             let echo = opt_field(raw.echo, "echo", "a boolean")
                 .map_err(|e| with_room(with_id(e), &room))?
                 .unwrap_or(true);
+            let data = relayable(data).map_err(|e| with_room(with_id(e), &room))?;
             ClientFrame::Publish {
                 room,
                 data,
@@ -264,7 +278,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
         "direct" => {
             let to = raw.to.ok_or_else(|| with_id(missing("to")))?;
             let target: RawTarget<'_> =
-                field(to, "to", "an object {\"user\"} or {\"sid\"}").map_err(with_id)?;
+                object_field(to, "to", "an object {\"user\"} or {\"sid\"}").map_err(with_id)?;
             let to = match (target.user, target.sid) {
                 (Some(user), None) => Target::User(user),
                 (None, Some(sid)) => Target::Sid(sid),
@@ -277,6 +291,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
             };
             let data = raw.data.ok_or_else(|| with_id(missing("data")))?;
             let event = event_field(raw.event).map_err(with_id)?;
+            let data = relayable(data).map_err(with_id)?;
             ClientFrame::Direct { to, data, event }
         }
         "ping" => ClientFrame::Ping,
@@ -300,6 +315,16 @@ fn missing(name: &'static str) -> DecodeError<'static> {
     DecodeError::new(ErrorCode::InvalidFrame, format!("missing field `{name}`"))
 }
 
+/// A JSON string, borrowed from the frame unless it holds escapes.
+///
+/// serde's `Deserialize for Cow<str>` always builds a `String`; only a field
+/// marked `#[serde(borrow)]` borrows, hence this newtype. Without it, `type`,
+/// `room`, `event` and string `id`s each cost an allocation per frame (3 of
+/// the 4 allocations of decoding a typical `publish`; the 4th is the room's
+/// `Arc<str>`).
+#[derive(Deserialize)]
+struct Str<'a>(#[serde(borrow)] Cow<'a, str>);
+
 fn field<'a, T: Deserialize<'a>>(
     raw: &'a RawValue,
     name: &'static str,
@@ -313,6 +338,24 @@ fn field<'a, T: Deserialize<'a>>(
     })
 }
 
+/// [`field`] for the protocol's objects (`since`, `to`): serde also reads a
+/// struct from an array of its fields in order, so without this check
+/// `"since":[3,"e"]` or `"to":["bob"]`, fields of the wrong kind, were accepted.
+fn object_field<'a, T: Deserialize<'a>>(
+    raw: &'a RawValue,
+    name: &'static str,
+    kind: &'static str,
+) -> Result<T, DecodeError<'static>> {
+    // A RawValue's text starts at the value itself, never with whitespace.
+    if !raw.get().starts_with('{') {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidFrame,
+            format!("field `{name}` must be {kind}"),
+        ));
+    }
+    field(raw, name, kind)
+}
+
 fn opt_field<'a, T: Deserialize<'a>>(
     raw: Option<&'a RawValue>,
     name: &'static str,
@@ -323,7 +366,7 @@ fn opt_field<'a, T: Deserialize<'a>>(
 
 fn room_field(raw: Option<&RawValue>) -> Result<RoomName, DecodeError<'static>> {
     let raw = raw.ok_or_else(|| missing("room"))?;
-    let name: Cow<'_, str> = field(raw, "room", "a string")?;
+    let Str(name) = field(raw, "room", "a string")?;
     RoomName::new(&name).map_err(|e| {
         DecodeError::new(
             ErrorCode::InvalidRoom,
@@ -337,7 +380,7 @@ fn room_field(raw: Option<&RawValue>) -> Result<RoomName, DecodeError<'static>> 
 }
 
 fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeError<'static>> {
-    let event: Option<Cow<'_, str>> = opt_field(raw, "event", "a string")?;
+    let event = opt_field(raw, "event", "a string")?.map(|Str(e)| e);
     if event.as_ref().is_some_and(|e| e.len() > MAX_EVENT_BYTES) {
         return Err(DecodeError::new(
             ErrorCode::InvalidFrame,
@@ -347,13 +390,115 @@ fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeErr
     Ok(event)
 }
 
+/// Checks that `data`, relayed verbatim to other sessions, is JSON they can
+/// parse.
+///
+/// Reading a field as `&RawValue` only skims it: an escaped unpaired surrogate
+/// (`"\ud800"`, which a browser's `JSON.stringify` emits for a string cut
+/// in the middle of an emoji), a number beyond `f64` (`1e400`) or nesting
+/// deeper than 128 levels all pass, and every serde_json-based recipient (the
+/// Rust client, [`Received::json`](crate::sim::Received::json)) would then fail
+/// to parse the `message` or `direct` frame: one client's bad frame would
+/// break others. This pass decodes every string and number and keeps nothing
+/// (no allocation but serde_json's scratch buffer for escapes).
+fn relayable(data: &RawValue) -> Result<&RawValue, DecodeError<'static>> {
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    serde::de::DeserializeSeed::deserialize(Walk(MAX_DATA_DEPTH), &mut de)
+        .map(|()| data)
+        .map_err(|e| {
+            DecodeError::new(
+                ErrorCode::InvalidJson,
+                format!("field `data` is not valid JSON: {e}"),
+            )
+        })
+}
+
+/// The deepest nesting of `data` accepted.
+///
+/// serde_json's own limit (127 levels) is not enough here: the `message` or
+/// `direct` frame that carries `data` adds a level, and a long-poll batch
+/// (a JSON array of frames) another, so `data` 126 or 127 levels deep passed
+/// the walk yet no serde_json-based recipient could parse what it received.
+const MAX_DATA_DEPTH: u32 = 100;
+
+/// Any JSON value, walked in full (strings and numbers decoded) and dropped;
+/// holds how many more levels of arrays and objects may open.
+#[derive(Clone, Copy)]
+struct Walk(u32);
+
+impl Walk {
+    /// The walk one level down, or an error past [`MAX_DATA_DEPTH`].
+    fn open<E: serde::de::Error>(self) -> Result<Self, E> {
+        self.0
+            .checked_sub(1)
+            .map(Walk)
+            .ok_or_else(|| E::custom(format!("nested deeper than {MAX_DATA_DEPTH} levels")))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Walk {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Walk {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.open()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.open()?;
+        while map.next_key_seed(inner)?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
+}
+
 fn validate_id(id: &RawValue) -> Result<&RawValue, DecodeError<'static>> {
     let text = id.get();
     let ok = match text.as_bytes().first() {
-        Some(b'"') => serde_json::from_str::<Cow<'_, str>>(text)
-            .map(|s| s.len() <= MAX_ID_BYTES)
+        Some(b'"') => serde_json::from_str::<Str<'_>>(text)
+            .map(|Str(s)| s.len() <= MAX_ID_BYTES)
             .unwrap_or(false),
-        Some(b'-' | b'0'..=b'9') => true,
+        // A number serde_json can read (`1e999` is JSON's grammar but no f64):
+        // the id is echoed in the ack, which the client must be able to parse.
+        Some(b'-' | b'0'..=b'9') => serde_json::from_str::<f64>(text).is_ok(),
         _ => false,
     };
     if ok {

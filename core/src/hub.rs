@@ -607,7 +607,13 @@ impl Hub {
                 .map(|m| m.cloned().collect());
             let (name, epoch) = (r.name.clone(), r.epoch.clone());
             recovered = Some(replay.is_some());
-            for (seq, frame) in (since.seq + 1..).zip(replay.into_iter().flatten()) {
+            // Not `(since.seq + 1..).zip(..)`: `since.seq` is the client's and
+            // may be u64::MAX, and both the `+ 1` and the range's first step
+            // overflow (a panic in debug builds) even when nothing is replayed.
+            // A frame is replayed only when `since.seq` < the room's seq, so
+            // the addition below cannot overflow.
+            for (frame, offset) in replay.into_iter().flatten().zip(1u64..) {
+                let seq = since.seq + offset;
                 let kind = FrameKind::Message {
                     room: name.clone(),
                     seq,
@@ -929,7 +935,7 @@ impl Hub {
 
     /// Frees a room with neither members nor history; schedules the history
     /// TTL of an empty room that keeps some.
-    fn dispose_room_if_unused(&mut self, now: Timestamp, id: RoomId) {
+    fn dispose_room_if_unused(&mut self, _now: Timestamp, id: RoomId) {
         let Some(r) = self.rooms.get_mut(id) else {
             return;
         };
@@ -938,7 +944,11 @@ impl Hub {
             self.rooms.remove(id);
             self.room_index.remove(name.as_str());
         } else if r.members.is_empty() {
-            let deadline = r.last_activity.max(now) + r.options.history_ttl;
+            // From the last activity, not from `now`: when an early entry pops
+            // (a server publish moved `last_activity` later), re-arm for the
+            // rest of the TTL, not a whole new one (which kept an idle room's
+            // history up to twice its `history_ttl`).
+            let deadline = r.last_activity + r.options.history_ttl;
             self.timers
                 .schedule(&mut r.timer_at, deadline, TimerTarget::Room(id));
         }
