@@ -35,6 +35,23 @@ pub struct Config {
     /// between two long-polls) before it is closed and freed. Default 60 s:
     /// comfortably longer than a 25 s poll plus a reconnect.
     pub session_idle: Duration,
+    /// Who numbers room messages. [`Sequencing::Local`] (the default) keeps
+    /// everything in this hub; [`Sequencing::Broker`] hands publishes, joins,
+    /// presence and directs to a cluster broker through
+    /// [`Output::Broker`](crate::Output::Broker) so that several nodes share
+    /// rooms.
+    pub sequencing: Sequencing,
+}
+
+/// Who numbers room messages and keeps their history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Sequencing {
+    /// This hub: one node, everything in process.
+    #[default]
+    Local,
+    /// A cluster broker shared by several nodes (see [`BrokerRequest`](crate::BrokerRequest)).
+    Broker,
 }
 
 impl Default for Config {
@@ -50,6 +67,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(25),
             heartbeat_timeout: Duration::from_secs(20),
             session_idle: Duration::from_secs(60),
+            sequencing: Sequencing::Local,
         }
     }
 }

@@ -36,11 +36,13 @@ pub enum ErrorCode {
     SlowConsumer,
     /// No frame within the heartbeat window.
     HeartbeatTimeout,
+    /// The cluster broker is unreachable: the frame took no effect; retry later.
+    Unavailable,
 }
 
 impl ErrorCode {
     /// Every code, in table order (handy for metrics).
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -54,6 +56,7 @@ impl ErrorCode {
         Self::ServerFull,
         Self::SlowConsumer,
         Self::HeartbeatTimeout,
+        Self::Unavailable,
     ];
 
     /// The code as written on the wire.
@@ -73,6 +76,7 @@ impl ErrorCode {
             Self::ServerFull => "server_full",
             Self::SlowConsumer => "slow_consumer",
             Self::HeartbeatTimeout => "heartbeat_timeout",
+            Self::Unavailable => "unavailable",
         }
     }
 
@@ -181,6 +185,10 @@ pub enum PublishError {
     /// The event name is longer than 128 bytes.
     #[error("event name longer than 128 bytes")]
     InvalidEvent,
+    /// The hub's messages are sequenced by a broker: publish with
+    /// [`Hub::prepare_publish`](crate::Hub::prepare_publish) and the broker.
+    #[error("messages are sequenced by the broker")]
+    Sequenced,
 }
 
 impl PublishError {
@@ -190,6 +198,7 @@ impl PublishError {
         match self {
             Self::TooLarge => ErrorCode::FrameTooLarge,
             Self::InvalidEvent => ErrorCode::InvalidFrame,
+            Self::Sequenced => ErrorCode::Unavailable,
         }
     }
 }

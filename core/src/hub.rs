@@ -79,21 +79,23 @@ pub struct Stats {
 /// [`poll_timeout`](Self::poll_timeout) for the next deadline and call
 /// [`handle_timeout`](Self::handle_timeout) when it comes.
 pub struct Hub {
-    config: Config,
-    policy: Arc<dyn Policy>,
-    hash: HashState,
-    sessions: SlotMap<SessionKey, Session>,
-    by_sid: HashMap<Sid, SessionKey, HashState>,
-    by_user: HashMap<UserId, Vec<SessionKey>, HashState>,
-    rooms: SlotMap<RoomId, Room>,
-    room_index: HashMap<RoomName, RoomId, HashState>,
-    timers: TimerQueue,
-    outputs: VecDeque<Output>,
-    epoch_seed: u64,
-    epochs_drawn: u64,
-    ping_frame: Bytes,
-    pong_frame: Bytes,
-    stats: Stats,
+    pub(crate) config: Config,
+    pub(crate) policy: Arc<dyn Policy>,
+    pub(crate) hash: HashState,
+    pub(crate) sessions: SlotMap<SessionKey, Session>,
+    pub(crate) by_sid: HashMap<Sid, SessionKey, HashState>,
+    pub(crate) by_user: HashMap<UserId, Vec<SessionKey>, HashState>,
+    pub(crate) rooms: SlotMap<RoomId, Room>,
+    pub(crate) room_index: HashMap<RoomName, RoomId, HashState>,
+    pub(crate) timers: TimerQueue,
+    pub(crate) outputs: VecDeque<Output>,
+    pub(crate) epoch_seed: u64,
+    pub(crate) epochs_drawn: u64,
+    pub(crate) ping_frame: Bytes,
+    pub(crate) pong_frame: Bytes,
+    pub(crate) stats: Stats,
+    /// Set by a handler whose answer waits for the broker (no `ack` yet).
+    pub(crate) deferred: bool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -138,6 +140,7 @@ impl Hub {
             ping_frame: ServerFrame::Ping.encode(),
             pong_frame: ServerFrame::Pong.encode(),
             stats: Stats::default(),
+            deferred: false,
         })
     }
 
@@ -326,7 +329,12 @@ impl Hub {
         let user = session.identity.user.clone();
         let key = self.sessions.insert(session);
         self.by_sid.insert(sid, key);
-        self.by_user.entry(user).or_default().push(key);
+        let tabs = self.by_user.entry(user.clone()).or_default();
+        tabs.push(key);
+        let first_of_user = tabs.len() == 1;
+        if self.clustered() {
+            self.cluster_connected(&sid_of(&self.sessions[key]), &user, first_of_user);
+        }
         self.reschedule_session(key);
         self.stats.sessions_opened += 1;
         self.deliver(Recipients::one(key), welcome, FrameKind::Welcome);
@@ -393,16 +401,16 @@ impl Hub {
                 room,
                 since,
                 presence,
-            } => self.join(now, session, room, since, presence),
+            } => self.join(now, session, room, since, presence, request.id),
             ClientFrame::Leave { room } => self.leave(now, session, &room),
             ClientFrame::Publish {
                 room,
                 data,
                 event,
                 echo,
-            } => self.client_publish(now, session, room, data, event.as_deref(), echo),
+            } => self.client_publish(now, session, room, data, event.as_deref(), echo, request.id),
             ClientFrame::Direct { to, data, event } => {
-                self.client_direct(session, &to, data, event.as_deref())
+                self.client_direct(session, &to, data, event.as_deref(), request.id)
             }
             ClientFrame::Ping => {
                 self.deliver(
@@ -413,7 +421,7 @@ impl Hub {
                 Ok(())
             }
             ClientFrame::Pong => Ok(()),
-            ClientFrame::Presence { room } => self.presence_list(session, &room),
+            ClientFrame::Presence { room } => self.presence_list(session, &room, request.id),
         };
         match applied {
             Ok(()) => {
@@ -421,7 +429,9 @@ impl Hub {
                     state.last_rx = now;
                     state.pinged = false;
                 }
-                if let Some(id) = request.id {
+                // A broker-mode answer comes with `reply`/`complete_*`.
+                let deferred = std::mem::take(&mut self.deferred);
+                if let Some(id) = request.id.filter(|_| !deferred) {
                     let ack = ServerFrame::Ack { id }.encode();
                     self.deliver(Recipients::one(session), ack, FrameKind::Ack);
                 }
@@ -490,6 +500,9 @@ impl Hub {
     ) -> Result<Published, PublishError> {
         if event.is_some_and(|e| e.len() > MAX_EVENT_BYTES) {
             return Err(PublishError::InvalidEvent);
+        }
+        if self.clustered() {
+            return Err(PublishError::Sequenced);
         }
         let id = self.room_id_or_create(now, room.clone());
         let published = self.broadcast(now, id, From::SERVER, event, data, None);
@@ -565,6 +578,7 @@ impl Hub {
         room: RoomName,
         since: Option<Since<'_>>,
         presence: bool,
+        id: Option<&RawValue>,
     ) -> Result<(), FrameError> {
         let session = &self.sessions[key];
         if !self.policy.may_join(&session.identity, &room) {
@@ -584,6 +598,11 @@ impl Hub {
                 ),
             ));
         }
+        if !already && self.clustered() {
+            self.cluster_join(now, key, room, since, presence, id);
+            self.deferred = true;
+            return Ok(());
+        }
         let user = session.identity.user.clone();
         let id = match existing {
             Some(id) => id,
@@ -595,7 +614,7 @@ impl Hub {
         } else {
             let first_tab = r.add_member(key, &user, presence);
             self.sessions[key].rooms.insert(id);
-            if first_tab && r.options.presence {
+            if first_tab && r.options.presence && !self.clustered() {
                 self.announce(id, key, PresenceAction::Join, &user);
             }
         }
@@ -656,6 +675,7 @@ impl Hub {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)] // the fields of the client's `publish`, plus who and when
     fn client_publish(
         &mut self,
         now: Timestamp,
@@ -664,6 +684,7 @@ impl Hub {
         data: &RawValue,
         event: Option<&str>,
         echo: bool,
+        request_id: Option<&RawValue>,
     ) -> Result<(), FrameError> {
         let session = &self.sessions[key];
         let existing = self.room_index.get(room.as_str()).copied();
@@ -677,6 +698,11 @@ impl Hub {
             }
             PublishRule::Members if !member => return Err(not_joined()),
             _ => {}
+        }
+        if self.clustered() {
+            self.cluster_publish(now, key, room, data, event, echo, request_id)?;
+            self.deferred = true;
+            return Ok(());
         }
         let id = match existing {
             Some(id) => id,
@@ -706,6 +732,7 @@ impl Hub {
         to: &Target<'_>,
         data: &RawValue,
         event: Option<&str>,
+        request_id: Option<&RawValue>,
     ) -> Result<(), FrameError> {
         let session = &self.sessions[key];
         if !self.policy.may_direct(&session.identity, to) {
@@ -713,6 +740,11 @@ impl Hub {
                 ErrorCode::Forbidden,
                 "not allowed to send to this target",
             ));
+        }
+        if self.clustered() {
+            self.cluster_direct(key, to, data, event, request_id)?;
+            self.deferred = true;
+            return Ok(());
         }
         let recipients = self.resolve(to).ok_or_else(|| {
             FrameError::new(ErrorCode::UnknownTarget, "no session for that target")
@@ -732,7 +764,12 @@ impl Hub {
         Ok(())
     }
 
-    fn presence_list(&mut self, key: SessionKey, room: &RoomName) -> Result<(), FrameError> {
+    fn presence_list(
+        &mut self,
+        key: SessionKey,
+        room: &RoomName,
+        request_id: Option<&RawValue>,
+    ) -> Result<(), FrameError> {
         let id = self
             .room_index
             .get(room.as_str())
@@ -745,6 +782,11 @@ impl Hub {
                 ErrorCode::Forbidden,
                 "this room does not share presence",
             ));
+        }
+        if self.clustered() {
+            self.cluster_presence_list(key, room, request_id);
+            self.deferred = true;
+            return Ok(());
         }
         let mut members: Vec<&str> = r.users.keys().map(UserId::as_str).collect();
         members.sort_unstable();
@@ -764,7 +806,7 @@ impl Hub {
 
     /// Answers a refused frame, charges the error budget, and closes the
     /// session when the budget is spent.
-    fn refuse(
+    pub(crate) fn refuse(
         &mut self,
         now: Timestamp,
         key: SessionKey,
@@ -837,7 +879,7 @@ impl Hub {
         Some(published)
     }
 
-    fn deliver(&mut self, to: Recipients, frame: Bytes, kind: FrameKind) {
+    pub(crate) fn deliver(&mut self, to: Recipients, frame: Bytes, kind: FrameKind) {
         let count = to.len();
         if count == 0 {
             return;
@@ -889,7 +931,7 @@ impl Hub {
         }
     }
 
-    fn create_room(&mut self, now: Timestamp, name: RoomName) -> RoomId {
+    pub(crate) fn create_room(&mut self, now: Timestamp, name: RoomName) -> RoomId {
         let options = self.policy.room_options(&name);
         let epoch = self.draw_epoch();
         let id = self
@@ -913,16 +955,21 @@ impl Hub {
         Epoch::from(text)
     }
 
-    fn remove_membership(&mut self, now: Timestamp, key: SessionKey, id: RoomId) {
+    pub(crate) fn remove_membership(&mut self, now: Timestamp, key: SessionKey, id: RoomId) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
         session.rooms.swap_remove(&id);
         let user = session.identity.user.clone();
+        let sid = session.sid.clone();
         let Some(r) = self.rooms.get_mut(id) else {
             return;
         };
         let last_tab = r.remove_member(key, &user);
+        if self.config.sequencing == crate::Sequencing::Broker {
+            self.cluster_left(id, key, &sid, &user, last_tab);
+            return;
+        }
         if last_tab && r.options.presence {
             self.announce(id, key, PresenceAction::Leave, &user);
         }
@@ -965,11 +1012,16 @@ impl Hub {
             return false;
         };
         self.by_sid.remove(session.sid.as_str());
+        let mut last_of_user = false;
         if let Some(tabs) = self.by_user.get_mut(session.identity.user.as_str()) {
             tabs.retain(|k| *k != key);
             if tabs.is_empty() {
                 self.by_user.remove(session.identity.user.as_str());
+                last_of_user = true;
             }
+        }
+        if self.clustered() {
+            self.cluster_disconnected(&session.sid, &session.identity.user, last_of_user);
         }
         if notify {
             let frame = ServerFrame::Close {
@@ -999,6 +1051,10 @@ impl Hub {
                 continue;
             };
             let last_tab = r.remove_member(key, &session.identity.user);
+            if self.config.sequencing == crate::Sequencing::Broker {
+                self.cluster_left(id, key, &session.sid, &session.identity.user, last_tab);
+                continue;
+            }
             if last_tab && r.options.presence {
                 self.announce(id, key, PresenceAction::Leave, &session.identity.user);
             }
@@ -1081,6 +1137,10 @@ impl Hub {
         }
         self.dispose_room_if_unused(now, id);
     }
+}
+
+fn sid_of(session: &Session) -> Sid {
+    session.sid.clone()
 }
 
 fn not_joined() -> FrameError {

@@ -58,6 +58,7 @@
 //!   and a broadcast allocates nothing per member.
 //! - Membership lookups are O(1); timers cost O(expired · log n) per call.
 
+mod cluster;
 pub mod codec;
 mod config;
 mod error;
@@ -73,8 +74,11 @@ pub mod testing;
 mod time;
 mod timer;
 
+pub use cluster::{
+    BrokerRequest, Channel, PreparedPublish, PresenceNote, Recipient, Reply, Resync, RoomSync,
+};
 pub use codec::{ClientFrame, Request, ServerFrame, Since, Target};
-pub use config::Config;
+pub use config::{Config, Sequencing};
 pub use error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };

@@ -21,6 +21,8 @@ pub enum Output {
         /// Why; gives the close code.
         reason: CloseReason,
     },
+    /// Broker mode only: something the cluster broker must do.
+    Broker(crate::cluster::BrokerRequest),
 }
 
 /// A frame and who receives it. The frame is encoded once; every recipient

@@ -31,6 +31,12 @@ pub(crate) struct Room {
     pub(crate) last_activity: Timestamp,
     /// Deadline of this room's live entry in the timer queue.
     pub(crate) timer_at: Option<Timestamp>,
+    /// Broker mode: members whose join waits for the broker, with their
+    /// `since` seq; they get no live messages until it completes.
+    pub(crate) syncing: HashMap<SessionKey, Option<u64>, HashState>,
+    /// Broker mode: live messages held while the room catches up after a
+    /// broker reconnect (`Some` while it does).
+    pub(crate) resync_buffer: Option<Vec<crate::cluster::Held>>,
 }
 
 impl Room {
@@ -53,6 +59,8 @@ impl Room {
             snapshot: None,
             last_activity: now,
             timer_at: None,
+            syncing: HashMap::with_hasher(hash.clone()),
+            resync_buffer: None,
         }
     }
 
@@ -110,10 +118,15 @@ impl Room {
 
     /// Appends a message to the bounded history.
     pub(crate) fn remember(&mut self, seq: u64, frame: Bytes) {
-        if self.options.history == 0 {
+        self.remember_up_to(seq, frame, self.options.history);
+    }
+
+    /// Appends a message, keeping at most `cap`.
+    pub(crate) fn remember_up_to(&mut self, seq: u64, frame: Bytes, cap: usize) {
+        if cap == 0 {
             return;
         }
-        if self.history.len() == self.options.history {
+        while self.history.len() >= cap {
             self.history.pop_front();
         }
         self.history.push_back((seq, frame));

@@ -23,11 +23,11 @@
 //! assert_eq!(sim.take(alice).last().unwrap()["type"], "ping");
 //! ```
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use slotmap::SecondaryMap;
 
 use crate::{
     CloseReason, Config, ConnectError, FrameKind, HandleError, Hub, Identity, Liveness, Output,
@@ -62,8 +62,11 @@ impl Received {
 pub struct Sim {
     hub: Hub,
     now: Timestamp,
-    inboxes: SecondaryMap<SessionKey, Vec<Received>>,
-    closed: SecondaryMap<SessionKey, CloseReason>,
+    // Not `SecondaryMap`: a new session may reuse a closed one's slot, and a
+    // `SecondaryMap` would then drop the closed session's unread frames and
+    // close reason. Keyed by the full (versioned) key, every session keeps its own.
+    inboxes: BTreeMap<SessionKey, Vec<Received>>,
+    closed: BTreeMap<SessionKey, CloseReason>,
     sids_drawn: u64,
 }
 
@@ -86,8 +89,8 @@ impl Sim {
         Self {
             hub: Hub::new(config, policy, seed).expect("valid config"),
             now: SIM_EPOCH,
-            inboxes: SecondaryMap::new(),
-            closed: SecondaryMap::new(),
+            inboxes: BTreeMap::new(),
+            closed: BTreeMap::new(),
             sids_drawn: 0,
         }
     }
@@ -182,7 +185,7 @@ impl Sim {
             match output {
                 Output::Deliver(delivery) => {
                     for key in delivery.to.iter() {
-                        if let Some(inbox) = self.inboxes.get_mut(key) {
+                        if let Some(inbox) = self.inboxes.get_mut(&key) {
                             inbox.push(Received {
                                 frame: delivery.frame.clone(),
                                 kind: delivery.kind.clone(),
@@ -193,6 +196,8 @@ impl Sim {
                 Output::Close { session, reason } => {
                     self.closed.insert(session, reason);
                 }
+                // Broker mode is driven by the runtime, not by this harness.
+                Output::Broker(_) => {}
             }
         }
     }
@@ -205,7 +210,7 @@ impl Sim {
     /// Takes what `session` received so far, as encoded frames.
     pub fn take_raw(&mut self, session: SessionKey) -> Vec<Received> {
         self.inboxes
-            .get_mut(session)
+            .get_mut(&session)
             .map(std::mem::take)
             .unwrap_or_default()
     }
@@ -213,6 +218,6 @@ impl Sim {
     /// Why the hub closed `session`, if it did.
     #[must_use]
     pub fn close_reason(&self, session: SessionKey) -> Option<CloseReason> {
-        self.closed.get(session).copied()
+        self.closed.get(&session).copied()
     }
 }

@@ -2024,6 +2024,7 @@ fn every_error_code_and_close_reason_has_its_wire_name() {
             "server_full",
             "slow_consumer",
             "heartbeat_timeout",
+            "unavailable",
         ]
     );
     for (i, code) in ErrorCode::ALL.iter().enumerate() {
