@@ -108,7 +108,6 @@ pub enum BrokerRequest {
 
 /// A broker channel a node listens on while it has local interest.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum Channel {
     /// A room's messages and presence.
     Room(RoomName),
@@ -120,7 +119,6 @@ pub enum Channel {
 
 /// The recipient of a direct message across the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-#[non_exhaustive]
 pub enum Recipient {
     /// Every session of a user.
     User(UserId),

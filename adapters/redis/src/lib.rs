@@ -390,7 +390,12 @@ impl Broker for RedisBroker {
             .map_err(err)?;
         let mut frames: Vec<Bytes> = entries
             .into_iter()
-            .filter_map(|(_, fields)| fields.into_iter().next().map(|(_, frame)| Bytes::from(frame)))
+            .filter_map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .next()
+                    .map(|(_, frame)| Bytes::from(frame))
+            })
             .collect();
         frames.reverse();
         Ok(frames)

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use switchboard_core::{Epoch, RoomName, Sid, UserId};
+
 use tokio::sync::mpsc;
 
 /// What a node hears from the cluster, in the order the broker sent it.
@@ -52,25 +53,7 @@ pub enum BrokerEvent {
     Reconnected,
 }
 
-/// The recipient of a direct message across the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum DirectTo {
-    /// Every session of a user.
-    User(UserId),
-    /// One session.
-    Sid(Sid),
-}
-
-/// A subscription a node holds while it has local interest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Channel {
-    /// A room's messages and presence (while the node has members in it).
-    Room(RoomName),
-    /// Direct messages to a user (while the node has a session of the user).
-    User(UserId),
-    /// Direct messages to one session (while it is open on this node).
-    Sid(Sid),
-}
+pub use switchboard_core::{Channel, Recipient as DirectTo, RoomSync as RoomState};
 
 /// A publish for the broker to sequence and fan out.
 #[derive(Debug, Clone, Copy)]
@@ -88,20 +71,6 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
-}
-
-/// A room's place in the cluster's sequence, and what a joining client missed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RoomState {
-    /// The latest `seq`.
-    pub seq: u64,
-    /// The history epoch.
-    pub epoch: Epoch,
-    /// Users present in the room across the cluster.
-    pub users: usize,
-    /// With `since`: every message after it, in order, when the broker still
-    /// has all of them in this epoch; `None` when it cannot replay.
-    pub replay: Option<Vec<(u64, Bytes)>>,
 }
 
 /// The broker could not do what was asked; nothing was half done.

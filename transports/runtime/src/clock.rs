@@ -30,12 +30,12 @@ impl Clock {
         self.to_timestamp(Instant::now())
     }
 
-    pub(crate) fn to_timestamp(&self, instant: Instant) -> Timestamp {
+    pub(crate) fn to_timestamp(self, instant: Instant) -> Timestamp {
         let elapsed = instant.saturating_duration_since(self.start);
         Timestamp::from_millis(self.start_unix_ms) + elapsed
     }
 
-    pub(crate) fn to_instant(&self, at: Timestamp) -> Instant {
+    pub(crate) fn to_instant(self, at: Timestamp) -> Instant {
         let offset = at.as_millis().saturating_sub(self.start_unix_ms);
         self.start + Duration::from_millis(offset)
     }

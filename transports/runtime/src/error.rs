@@ -18,6 +18,7 @@ pub(crate) enum Kind {
     Direct(DirectError),
     Data(serde_json::Error),
     ShuttingDown,
+    Unavailable(String),
 }
 
 impl Error {
@@ -48,6 +49,12 @@ impl Error {
         matches!(self.kind, Kind::Direct(DirectError::UnknownTarget))
     }
 
+    /// The cluster broker is unreachable; nothing was sent.
+    #[must_use]
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self.kind, Kind::Unavailable(_))
+    }
+
     /// The Switchboard is shutting down.
     #[must_use]
     pub fn is_shutting_down(&self) -> bool {
@@ -63,6 +70,7 @@ impl Error {
             Kind::Direct(e) => e.code(),
             Kind::Data(_) => ErrorCode::InvalidFrame,
             Kind::ShuttingDown => ErrorCode::ServerFull,
+            Kind::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -75,6 +83,7 @@ impl fmt::Display for Error {
             Kind::Direct(e) => write!(f, "direct message failed: {e}"),
             Kind::Data(e) => write!(f, "data does not serialize to JSON: {e}"),
             Kind::ShuttingDown => f.write_str("shutting down"),
+            Kind::Unavailable(e) => write!(f, "cluster broker unavailable: {e}"),
         }
     }
 }
@@ -86,7 +95,7 @@ impl std::error::Error for Error {
             Kind::Publish(e) => Some(e),
             Kind::Direct(e) => Some(e),
             Kind::Data(e) => Some(e),
-            Kind::ShuttingDown => None,
+            Kind::ShuttingDown | Kind::Unavailable(_) => None,
         }
     }
 }

@@ -169,6 +169,9 @@ async fn direct(switchboard: &Switchboard, body: &[u8]) -> Response<Bytes> {
     }
 }
 
+// The error is the finished answer, built once per refused request and
+// returned straight away: boxing it would only add an allocation.
+#[allow(clippy::result_large_err)]
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response<Bytes>> {
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(error(
@@ -251,7 +254,7 @@ where
     };
     let frames = split_frames(&body);
     for frame in &frames {
-        switchboard.handle_frame(key, frame);
+        switchboard.handle_frame(key, frame).await;
     }
     json(
         StatusCode::ACCEPTED,

@@ -36,6 +36,7 @@
 mod auth;
 pub mod broker;
 mod clock;
+mod cluster;
 mod error;
 pub mod http_api;
 #[cfg(feature = "jwt")]

@@ -9,14 +9,17 @@ use serde::Serialize;
 use slotmap::SecondaryMap;
 use switchboard_core::{
     CloseReason, Config, ErrorCode, Hub, Identity, Liveness, OpenPolicy, Output, Policy, Published,
-    RawValue, RoomInfo, RoomName, SessionKey, Sid, Target, Timestamp,
+    RawValue, Recipient, RoomInfo, RoomName, Sequencing, SessionKey, Sid, Target, Timestamp,
+    UserId,
 };
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{AllowOrigins, Authenticator, OriginCheck, Refusal, TrustClientName};
+use crate::broker::{Broker, PublishRequest};
 use crate::clock::Clock;
+use crate::cluster::{self, MembershipOp, Work};
 use crate::error::{Error, Kind};
 use crate::metrics::{Metrics, WireCounters};
 use crate::outbox::{OutFrame, Outbox};
@@ -60,6 +63,7 @@ pub struct Builder {
     policy: Arc<dyn Policy>,
     authenticator: Arc<dyn Authenticator>,
     origins: Arc<dyn OriginCheck>,
+    broker: Option<Arc<dyn Broker>>,
 }
 
 impl std::fmt::Debug for Builder {
@@ -107,14 +111,66 @@ impl Builder {
         self
     }
 
-    /// Starts the Switchboard: its timer task runs on the current tokio runtime.
+    /// Shares rooms with other nodes through a cluster broker (Redis):
+    /// room messages are numbered and kept by the broker, and presence and
+    /// direct messages span nodes. Start with [`Builder::start`].
+    #[must_use]
+    pub fn broker(mut self, broker: impl Broker) -> Self {
+        self.broker = Some(Arc::new(broker));
+        self
+    }
+
+    /// Starts the Switchboard, connecting its broker first if it has one.
     ///
     /// # Errors
-    /// When the core config is invalid or the OS has no randomness.
+    /// As [`Builder::build`], or when the broker cannot be reached.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn start(mut self) -> Result<Switchboard, BuildError> {
+        let Some(broker) = self.broker.take() else {
+            return self.build();
+        };
+        self.core.sequencing = Sequencing::Broker;
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        broker
+            .start(events_tx)
+            .await
+            .map_err(|e| BuildError::Broker(e.0))?;
+        let (membership_tx, membership_rx) = mpsc::unbounded_channel();
+        let switchboard = self.assemble(Some(Arc::clone(&broker)), Some(membership_tx))?;
+        tokio::spawn(cluster::run_membership(Arc::clone(&broker), membership_rx));
+        tokio::spawn(cluster::run_events(
+            Arc::downgrade(&switchboard.shared),
+            broker,
+            events_rx,
+        ));
+        Ok(switchboard)
+    }
+
+    /// Starts a single-node Switchboard: its timer task runs on the current
+    /// tokio runtime.
+    ///
+    /// # Errors
+    /// When the core config is invalid, the OS has no randomness, or a broker
+    /// was set (start those with [`Builder::start`]).
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn build(self) -> Result<Switchboard, BuildError> {
+        if self.broker.is_some() {
+            return Err(BuildError::Broker(
+                "a Switchboard with a broker starts with `start().await`".into(),
+            ));
+        }
+        self.assemble(None, None)
+    }
+
+    fn assemble(
+        self,
+        broker: Option<Arc<dyn Broker>>,
+        membership: Option<mpsc::UnboundedSender<MembershipOp>>,
+    ) -> Result<Switchboard, BuildError> {
         let seed = u64::from_le_bytes(random_bytes::<8>().map_err(|_| BuildError::NoRandomness)?);
         let hub = Hub::new(self.core, self.policy, seed).map_err(BuildError::Config)?;
         let clock = Clock::new();
@@ -124,7 +180,10 @@ impl Builder {
                 outboxes: SecondaryMap::new(),
                 overflowed: Vec::new(),
                 timer_armed: None,
+                work: Vec::new(),
+                membership,
             }),
+            broker,
             clock,
             timer_wake: Arc::new(Notify::new()),
             accepting: AtomicBool::new(true),
@@ -154,6 +213,9 @@ pub enum BuildError {
     /// The OS could not supply random bytes for ids and epochs.
     #[error("the OS has no randomness to give")]
     NoRandomness,
+    /// The broker could not be started.
+    #[error("broker: {0}")]
+    Broker(String),
 }
 
 /// The application's handle on Switchboard: cheap to clone, shared by every
@@ -172,10 +234,11 @@ impl std::fmt::Debug for Switchboard {
     }
 }
 
-struct Shared {
+pub(crate) struct Shared {
     // A std Mutex: held only while the core handles one input and its outputs
     // are pushed into queues; nothing awaits while holding it.
     inner: Mutex<Inner>,
+    broker: Option<Arc<dyn Broker>>,
     clock: Clock,
     timer_wake: Arc<Notify>,
     accepting: AtomicBool,
@@ -187,12 +250,16 @@ struct Shared {
     origins: Arc<dyn OriginCheck>,
 }
 
-struct Inner {
-    hub: Hub,
+pub(crate) struct Inner {
+    pub(crate) hub: Hub,
     outboxes: SecondaryMap<SessionKey, Arc<Outbox>>,
     overflowed: Vec<SessionKey>,
     /// The deadline the timer task sleeps towards.
     timer_armed: Option<Timestamp>,
+    /// Broker work the last input produced, for its caller to perform.
+    work: Vec<Work>,
+    /// The ordered queue of membership changes (broker mode).
+    membership: Option<mpsc::UnboundedSender<MembershipOp>>,
 }
 
 impl Inner {
@@ -220,6 +287,11 @@ impl Inner {
                             outbox.close(reason);
                         }
                     }
+                    Output::Broker(request) => {
+                        if let Some(queue) = &self.membership {
+                            self.work.extend(cluster::prepare(queue, request));
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -238,9 +310,26 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Runs one input through the core, dispatches its outputs, and wakes the
-    /// timer task if the next deadline moved earlier.
-    fn run<R>(&self, input: impl FnOnce(&mut Inner, Timestamp) -> R) -> R {
+    /// Runs one input through the core and dispatches its outputs; broker
+    /// work it produced runs in a task of its own.
+    pub(crate) fn run<R>(self: &Arc<Self>, input: impl FnOnce(&mut Inner, Timestamp) -> R) -> R {
+        let (result, work) = self.run_collect(input);
+        if !work.is_empty() {
+            if let Some(broker) = self.broker.clone() {
+                let shared = Arc::clone(self);
+                tokio::spawn(async move { cluster::execute(&shared, &broker, work).await });
+            }
+        }
+        result
+    }
+
+    /// Runs one input through the core, dispatches its outputs, wakes the
+    /// timer task if the next deadline moved earlier, and returns the broker
+    /// work produced, for the caller to perform in order.
+    pub(crate) fn run_collect<R>(
+        &self,
+        input: impl FnOnce(&mut Inner, Timestamp) -> R,
+    ) -> (R, Vec<Work>) {
         let mut inner = self.lock();
         let now = self.clock.now();
         let result = input(&mut inner, now);
@@ -251,11 +340,25 @@ impl Shared {
             (Some(_), None) => true,
             (None, _) => false,
         };
+        let work = std::mem::take(&mut inner.work);
         drop(inner);
         if wake {
             self.timer_wake.notify_one();
         }
-        result
+        (result, work)
+    }
+
+    /// Applies a client frame and performs the broker work it produced
+    /// before returning, so the session's next frame comes after it.
+    async fn handle_frame(self: &Arc<Self>, key: SessionKey, sid: Option<&Sid>, frame: &[u8]) {
+        self.wire.add_in(frame.len());
+        let (result, work) = self.run_collect(|inner, now| inner.hub.handle_frame(now, key, frame));
+        if let Err(e) = result {
+            tracing::debug!(?sid, error = %e, "client frame refused");
+        }
+        if let (false, Some(broker)) = (work.is_empty(), &self.broker) {
+            cluster::execute(self, broker, work).await;
+        }
     }
 }
 
@@ -301,6 +404,7 @@ impl Switchboard {
             policy: Arc::new(OpenPolicy),
             authenticator: Arc::new(TrustClientName),
             origins: Arc::new(AllowOrigins::same_origin()),
+            broker: None,
         }
     }
 
@@ -345,9 +449,38 @@ impl Switchboard {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(Error::new(Kind::ShuttingDown));
         }
-        self.shared
-            .run(|inner, now| inner.hub.publish(now, &room, event, data))
-            .map_err(|e| Error::new(Kind::Publish(e)))
+        let Some(broker) = &self.shared.broker else {
+            return self
+                .shared
+                .run(|inner, now| inner.hub.publish(now, &room, event, data))
+                .map_err(|e| Error::new(Kind::Publish(e)));
+        };
+        let now = self.shared.clock.now();
+        let prepared = self
+            .shared
+            .lock()
+            .hub
+            .prepare_publish(now, &room, event, data)
+            .map_err(|e| Error::new(Kind::Publish(e)))?;
+        let epoch = cluster::new_epoch();
+        let (seq, epoch) = broker
+            .publish(PublishRequest {
+                room: &prepared.room,
+                body: &prepared.body,
+                exclude: None,
+                history: prepared.history,
+                history_ttl: prepared.history_ttl,
+                new_epoch: &epoch,
+            })
+            .await
+            .map_err(|e| Error::new(Kind::Unavailable(e.0)))?;
+        // Every node delivers it when the broker fans it out; how many
+        // sessions that reaches is not known here.
+        Ok(Published {
+            seq,
+            epoch,
+            delivered: 0,
+        })
     }
 
     /// Sends a `direct` frame from the server to every session (tab) of `user`;
@@ -361,7 +494,7 @@ impl Switchboard {
         event: Option<&str>,
         data: &T,
     ) -> Result<usize, Error> {
-        self.direct(&Target::User(user.into()), event, data)
+        self.direct(&Target::User(user.into()), event, data).await
     }
 
     /// Sends a `direct` frame from the server to the session `sid`.
@@ -374,10 +507,11 @@ impl Switchboard {
         event: Option<&str>,
         data: &T,
     ) -> Result<usize, Error> {
-        self.direct(&Target::Sid(sid.into()), event, data)
+        self.direct(&Target::Sid(sid.into()), event, data).await
     }
 
-    fn direct<T: Serialize + ?Sized>(
+    /// With a broker the count is of nodes that had a recipient, not of sessions.
+    async fn direct<T: Serialize + ?Sized>(
         &self,
         to: &Target<'_>,
         event: Option<&str>,
@@ -387,9 +521,29 @@ impl Switchboard {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(Error::new(Kind::ShuttingDown));
         }
-        self.shared
-            .run(|inner, _| inner.hub.send_direct(to, event, &data))
-            .map_err(|e| Error::new(Kind::Direct(e)))
+        let Some(broker) = &self.shared.broker else {
+            return self
+                .shared
+                .run(|inner, _| inner.hub.send_direct(to, event, &data))
+                .map_err(|e| Error::new(Kind::Direct(e)));
+        };
+        let frame = self
+            .shared
+            .lock()
+            .hub
+            .prepare_direct(event, &data)
+            .map_err(|e| Error::new(Kind::Direct(e)))?;
+        let recipient = match to {
+            Target::User(user) => Recipient::User(UserId::from(&**user)),
+            Target::Sid(sid) => Recipient::Sid(Sid::from(&**sid)),
+        };
+        match broker.direct(&recipient, &frame).await {
+            Ok(0) => Err(Error::new(Kind::Direct(
+                switchboard_core::DirectError::UnknownTarget,
+            ))),
+            Ok(nodes) => Ok(nodes),
+            Err(e) => Err(Error::new(Kind::Unavailable(e.0))),
+        }
     }
 
     /// Closes every session of `user` (1008, `disconnected`); returns how many.
@@ -398,21 +552,55 @@ impl Switchboard {
             .run(|inner, now| inner.hub.disconnect_user(now, user))
     }
 
-    /// A room's latest seq, epoch and present users, if the room exists.
+    /// A room's latest seq, epoch and present users as this node sees them,
+    /// if the room exists here (with a broker: if this node has members in it).
     #[must_use]
     pub fn room(&self, room: &str) -> Option<RoomInfo> {
         self.shared.lock().hub.room(room)
     }
 
-    /// The room's retained `message` frames, oldest first, at most `limit`.
-    #[must_use]
-    pub fn latest(&self, room: &str, limit: usize) -> Vec<serde_json::Value> {
-        let inner = self.shared.lock();
-        inner
-            .hub
-            .history(room, limit)
+    /// The users present in a room (across the cluster, with a broker).
+    ///
+    /// # Errors
+    /// An invalid room name, or the broker is unreachable.
+    pub async fn presence(&self, room: &str) -> Result<Vec<String>, Error> {
+        let room = RoomName::new(room).map_err(|e| Error::new(Kind::InvalidRoom(e)))?;
+        match &self.shared.broker {
+            Some(broker) => broker
+                .presence_list(&room)
+                .await
+                .map_err(|e| Error::new(Kind::Unavailable(e.0))),
+            None => Ok(self
+                .room(room.as_str())
+                .map(|info| info.users.iter().map(|u| u.as_str().to_owned()).collect())
+                .unwrap_or_default()),
+        }
+    }
+
+    /// The room's retained `message` frames, oldest first, at most `limit`
+    /// (from the broker's history, with a broker).
+    ///
+    /// # Errors
+    /// An invalid room name, or the broker is unreachable.
+    pub async fn latest(&self, room: &str, limit: usize) -> Result<Vec<serde_json::Value>, Error> {
+        let room = RoomName::new(room).map_err(|e| Error::new(Kind::InvalidRoom(e)))?;
+        let frames: Vec<bytes::Bytes> = match &self.shared.broker {
+            Some(broker) => broker
+                .history(&room, limit)
+                .await
+                .map_err(|e| Error::new(Kind::Unavailable(e.0)))?,
+            None => self
+                .shared
+                .lock()
+                .hub
+                .history(room.as_str(), limit)
+                .cloned()
+                .collect(),
+        };
+        Ok(frames
+            .iter()
             .filter_map(|frame| serde_json::from_slice(frame).ok())
-            .collect()
+            .collect())
     }
 
     /// A snapshot of the counters.
@@ -510,14 +698,8 @@ impl Switchboard {
     /// Applies one client frame to the session `key` (found with
     /// [`Switchboard::find_session`]), for transports whose client frames
     /// arrive on a request of their own (SSE and long-poll `send`).
-    pub fn handle_frame(&self, key: SessionKey, frame: &[u8]) {
-        self.shared.wire.add_in(frame.len());
-        let result = self
-            .shared
-            .run(|inner, now| inner.hub.handle_frame(now, key, frame));
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "client frame refused");
-        }
+    pub async fn handle_frame(&self, key: SessionKey, frame: &[u8]) {
+        self.shared.handle_frame(key, None, frame).await;
     }
 
     /// The open session with this sid, if it belongs to `user`: the check that
@@ -590,15 +772,13 @@ impl Session {
 
     /// Applies one client frame. Errors are answered to the client through
     /// the outbox; nothing to do here.
-    pub fn handle_frame(&self, frame: &[u8]) {
-        self.shared.wire.add_in(frame.len());
-        let key = self.key;
-        let result = self
-            .shared
-            .run(|inner, now| inner.hub.handle_frame(now, key, frame));
-        if let Err(e) = result {
-            tracing::debug!(sid = %self.sid, error = %e, "client frame refused");
-        }
+    ///
+    /// With a broker, returns once the broker has acted on the frame, so
+    /// the session's next frame is applied after it.
+    pub async fn handle_frame(&self, frame: &[u8]) {
+        self.shared
+            .handle_frame(self.key, Some(&self.sid), frame)
+            .await;
     }
 
     /// Counts bytes the transport wrote, for metrics.

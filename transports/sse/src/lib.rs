@@ -172,7 +172,7 @@ pub async fn handle<B>(switchboard: &Switchboard, request: Request<B>) -> Respon
             }
             None => serde_json::json!({"type": "join", "room": room}),
         };
-        session.handle_frame(join.to_string().as_bytes());
+        session.handle_frame(join.to_string().as_bytes()).await;
     }
 
     let mut response = Response::new(stream_session(session, cursor));

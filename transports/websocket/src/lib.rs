@@ -193,8 +193,8 @@ where
                 }
             }
             incoming = ws.next() => match incoming {
-                Some(Ok(Message::Text(frame))) => session.handle_frame(frame.as_bytes()),
-                Some(Ok(Message::Binary(frame))) => session.handle_frame(&frame),
+                Some(Ok(Message::Text(frame))) => session.handle_frame(frame.as_bytes()).await,
+                Some(Ok(Message::Binary(frame))) => session.handle_frame(&frame).await,
                 // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                 Some(Ok(Message::Close(_))) | None => {
