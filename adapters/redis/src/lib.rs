@@ -34,10 +34,9 @@ use switchboard_runtime::broker::{
 };
 use tokio::sync::{mpsc, OnceCell};
 
-/// How often a node refreshes its "alive" key, and checks for dead nodes.
-const NODE_HEARTBEAT: Duration = Duration::from_secs(3);
 /// A node whose "alive" key is this old is dead; its presence is removed.
-const NODE_TTL: Duration = Duration::from_secs(10);
+/// It refreshes the key (and looks for dead nodes) three times per TTL.
+const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
 /// How long one Redis command may take before it fails.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -164,6 +163,7 @@ impl std::fmt::Debug for RedisBroker {
 struct Inner {
     client: Client,
     node: String,
+    node_ttl: Duration,
     commands: OnceCell<ConnectionManager>,
     /// The subscription half of the pub/sub connection, while connected.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
@@ -191,6 +191,7 @@ impl RedisBroker {
             inner: Arc::new(Inner {
                 client,
                 node,
+                node_ttl: DEFAULT_NODE_TTL,
                 commands: OnceCell::new(),
                 sink: tokio::sync::Mutex::new(None),
                 wanted: Mutex::new(HashSet::new()),
@@ -200,6 +201,19 @@ impl RedisBroker {
                 reap: Script::new(REAP),
             }),
         })
+    }
+
+    /// How long a silent node counts as alive (default 10 s): after that,
+    /// other nodes remove its users from presence and announce their leaves.
+    ///
+    /// # Panics
+    /// When called after the broker was cloned or started.
+    #[must_use]
+    pub fn node_ttl(mut self, ttl: Duration) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("node_ttl is set before the broker is shared")
+            .node_ttl = ttl.max(Duration::from_millis(300));
+        self
     }
 
     /// This node's id in the cluster.
@@ -569,7 +583,7 @@ fn rand_u8() -> u8 {
 /// Refreshes this node's "alive" key and removes the presence of nodes whose
 /// key expired.
 async fn run_node_heartbeat(broker: RedisBroker) {
-    let mut tick = tokio::time::interval(NODE_HEARTBEAT);
+    let mut tick = tokio::time::interval(broker.inner.node_ttl / 3);
     loop {
         tick.tick().await;
         let Ok(mut con) = broker.commands() else {
@@ -581,7 +595,7 @@ async fn run_node_heartbeat(broker: RedisBroker) {
             .arg(RedisBroker::node_alive_key(&node))
             .arg(1)
             .arg("PX")
-            .arg(millis(NODE_TTL))
+            .arg(millis(broker.inner.node_ttl))
             .ignore()
             .cmd("SADD")
             .arg("sb:nodes")

@@ -2,7 +2,8 @@
 //! is not Rust. It serves WebSocket clients at `/ws`, Prometheus metrics at
 //! `/metrics`, and the HTTP publish API (`POST /api/publish`, `POST
 //! /api/direct`) through which a backend in any language pushes to rooms and
-//! users. Every limit is a flag; `switchboard --help` lists them.
+//! users. Every limit is a flag; `switchboard --help` lists them. With
+//! `--redis URL`, several servers share rooms through one Redis.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -72,6 +73,12 @@ struct Args {
     /// Seconds an empty room keeps its history.
     #[arg(long, default_value_t = 300)]
     history_ttl_secs: u64,
+    /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis.
+    #[arg(long, env = "SWITCHBOARD_REDIS")]
+    redis: Option<String>,
+    /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
+    #[arg(long, default_value_t = 10_000)]
+    redis_node_ttl_ms: u64,
     /// Rooms with this name prefix take publishes only from the server (repeatable), e.g. `job_`.
     #[arg(long = "server-only-prefix")]
     server_only_prefixes: Vec<String>,
@@ -151,7 +158,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
-    let switchboard = builder.build()?;
+    let switchboard = match &args.redis {
+        Some(url) => {
+            let broker = switchboard_redis::RedisBroker::new(url)?
+                .node_ttl(Duration::from_millis(args.redis_node_ttl_ms));
+            tracing::info!(node = broker.node_id(), "sharing rooms through Redis");
+            builder.broker(broker).start().await?
+        }
+        None => builder.build()?,
+    };
 
     let mut options = switchboard_warp::Options::default();
     options.api_key = args.api_key.clone();
