@@ -123,17 +123,31 @@ impl LongPoll {
     /// `GET …/poll?sid=…&ack=n`.
     pub async fn poll<B>(&self, request: Request<B>) -> Response<Bytes> {
         let (parts, _body) = request.into_parts();
-        let key = match http_api::session_of(&self.switchboard, &parts).await {
-            Ok(key) => key,
-            Err(response) => return response,
+        // Authenticated again on every poll, but the sid is looked up among
+        // this transport's sessions, not in the core (`http_api::session_of`):
+        // a session the core has just closed (idle, heartbeat_timeout,
+        // too_many_errors) is already gone from the core while its `close`
+        // frame still waits here for the client. Looking it up in the core
+        // answered that poll 403 and the client never learned why it was closed.
+        let identity = match self.switchboard.admit(&parts).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
+            }
         };
         let query = parts.uri.query().unwrap_or("");
-        let sid = query_param(query, "sid").unwrap_or_default();
+        let Some(sid) = query_param(query, "sid") else {
+            return http_api::error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidFrame,
+                "missing `sid`",
+            );
+        };
         let Some(poll) = self
             .lock()
             .get(&sid)
             .cloned()
-            .filter(|p| p.session.key() == key)
+            .filter(|p| p.session.identity().user.as_str() == identity.user.as_str())
         else {
             return http_api::error(
                 StatusCode::FORBIDDEN,
@@ -158,6 +172,21 @@ impl LongPoll {
         }
         let acked = ack.min(pending.len());
         pending.drain(..acked);
+        if pending.is_empty() && poll.session.outbox().is_ended() {
+            let _: Option<Drained> = poll.session.outbox().try_recv(&mut pending);
+            if pending.is_empty() {
+                // The client has acknowledged the `close` frame: the session
+                // is over, and further polls are refused like unknown sids
+                // (rather than answered `[]` at once, over and over).
+                drop(pending);
+                self.lock().remove(&sid);
+                return http_api::error(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    "no session of yours with that sid",
+                );
+            }
+        }
         let attached = Attached::new(&poll.session);
         let timeout = self.switchboard.runtime_config().poll_timeout;
         if pending.is_empty() {
