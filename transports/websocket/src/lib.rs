@@ -17,8 +17,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::stream::FusedStream;
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Empty;
@@ -27,7 +29,7 @@ use hyper_util::rt::TokioIo;
 use switchboard_core::codec::encode_refusal;
 use switchboard_core::{CloseReason, Identity, Liveness};
 use switchboard_runtime::{Drained, OutFrame, Refusal, Session, Switchboard};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -159,16 +161,15 @@ pub async fn run_connection<S>(
             let [error, close] =
                 encode_refusal(refusal.code, &refusal.message, refusal.close_code());
             let timeout = switchboard.runtime_config().write_timeout;
-            let _ = tokio::time::timeout(timeout, async {
+            let queued = tokio::time::timeout(timeout, async {
                 ws.feed(text(error)).await?;
-                ws.feed(text(close)).await?;
-                ws.close(Some(close_frame(
-                    refusal.close_code(),
-                    refusal.code.as_str(),
-                )))
-                .await
+                ws.feed(text(close)).await
             })
             .await;
+            if matches!(queued, Ok(Ok(()))) {
+                let frame = close_frame(refusal.close_code(), refusal.code.as_str());
+                close_and_linger(&mut ws, frame, timeout).await;
+            }
         }
     }
 }
@@ -180,40 +181,98 @@ where
     let mut batch: Vec<Arc<OutFrame>> = Vec::new();
     let write_timeout = session.write_timeout();
     loop {
-        tokio::select! {
-            drained = session.outbox().recv(&mut batch) => {
-                let written = tokio::time::timeout(write_timeout, write_batch(session, ws, &mut batch)).await;
-                if !matches!(written, Ok(Ok(()))) {
-                    return; // dead or stalled socket: dropping the session frees it
-                }
-                if let Drained::Closed(reason) = drained {
-                    let frame = close_frame(reason.code(), reason.as_str());
-                    let _ = tokio::time::timeout(write_timeout, ws.close(Some(frame))).await;
-                    return;
-                }
-            }
+        let drained = tokio::select! {
+            drained = session.outbox().recv(&mut batch) => drained,
             incoming = ws.next() => match incoming {
-                Some(Ok(Message::Text(frame))) => session.handle_frame(frame.as_bytes()).await,
-                Some(Ok(Message::Binary(frame))) => session.handle_frame(&frame).await,
+                Some(Ok(Message::Text(frame))) => {
+                    session.handle_frame(frame.as_bytes()).await;
+                    continue;
+                }
+                Some(Ok(Message::Binary(frame))) => {
+                    session.handle_frame(&frame).await;
+                    continue;
+                }
                 // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => {
                     // Send tungstenite's queued close reply, then let the session go.
                     let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
                     return;
                 }
                 Some(Err(tungstenite::Error::Capacity(_))) => {
-                    // Over max_frame_bytes: the core queues `close` and the
-                    // outbox branch closes with 1009 after flushing.
+                    // Over max_frame_bytes: the core queues `close` (1009).
+                    // Write it now rather than on the next turn of the loop:
+                    // tokio-tungstenite ends its stream after any error, so
+                    // there `ws.next()` is ready at once with `None`, and
+                    // whenever select! polled that branch first the
+                    // connection was dropped without the close frame.
                     session.close(CloseReason::FrameTooLarge);
+                    session.outbox().recv(&mut batch).await
                 }
                 Some(Err(e)) => {
                     tracing::debug!(sid = %session.sid(), error = %e, "websocket read failed");
                     return;
                 }
             },
+        };
+        let written =
+            tokio::time::timeout(write_timeout, write_batch(session, ws, &mut batch)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            return; // dead or stalled socket: dropping the session frees it
+        }
+        if let Drained::Closed(reason) = drained {
+            let frame = close_frame(reason.code(), reason.as_str());
+            close_and_linger(ws, frame, write_timeout).await;
+            return;
         }
     }
+}
+
+/// How long a connection that the server closes waits for the client's part
+/// of the closing handshake before it is dropped anyway.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Sends the close frame, then reads (and discards) what the client still
+/// sends until its close reply, for at most [`CLOSE_LINGER`]; the caller then
+/// drops the connection.
+///
+/// Dropping a socket while bytes from the client are unread makes the kernel
+/// answer with RST instead of FIN, and a client that gets RST throws away what
+/// it had not read yet: the `close` frame and the close code that say why.
+/// When the server closes, unread bytes are common: the rest of an oversize
+/// frame (1009, always), frames pipelined past the error budget (1008), a
+/// browser's first `join` racing a refusal, anything sent during shutdown.
+async fn close_and_linger<S>(
+    ws: &mut WebSocketStream<S>,
+    frame: CloseFrame,
+    write_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if tokio::time::timeout(write_timeout, ws.close(Some(frame)))
+        .await
+        .is_err()
+    {
+        return; // stalled: nothing more will reach this client
+    }
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        // The stream ends cleanly at the client's close reply. It ends early
+        // on an error, and it already has after an oversize frame: then the
+        // rest of a frame is in the way, so half-close and discard bytes
+        // until the client closes its side.
+        let mut broken = ws.is_terminated();
+        while !broken {
+            match ws.next().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => broken = true,
+                None => return Ok(0),
+            }
+        }
+        let stream = ws.get_mut();
+        stream.shutdown().await?;
+        tokio::io::copy(stream, &mut tokio::io::sink()).await
+    })
+    .await;
 }
 
 async fn write_batch<S>(
@@ -249,7 +308,8 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
     }
 }
 
-/// Binds a TCP listener with a large accept backlog ([`LISTEN_BACKLOG`]).
+/// Binds a TCP listener with a large accept backlog ([`LISTEN_BACKLOG`]),
+/// whose connections have `TCP_NODELAY` set.
 ///
 /// # Errors
 /// When the address cannot be bound.
@@ -260,6 +320,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Accepted sockets inherit it. [`serve`] sets it on each connection, but
+    // frameworks that accept from this listener (warp's `incoming`) do not,
+    // and with Nagle's algorithm a frame written while an earlier one is
+    // unacknowledged waits for the client's delayed ACK (40 ms on Linux).
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }
