@@ -96,6 +96,8 @@ pub struct Hub {
     pub(crate) stats: Stats,
     /// Set by a handler whose answer waits for the broker (no `ack` yet).
     pub(crate) deferred: bool,
+    /// Set while [`Hub::close_all`] runs: no presence leaves are announced.
+    closing_all: bool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -141,6 +143,7 @@ impl Hub {
             pong_frame: ServerFrame::Pong.encode(),
             stats: Stats::default(),
             deferred: false,
+            closing_all: false,
         })
     }
 
@@ -563,9 +566,13 @@ impl Hub {
     /// Closes every session with `reason` (1001 `going_away` at shutdown).
     pub fn close_all(&mut self, now: Timestamp, reason: CloseReason) -> usize {
         let keys: Vec<SessionKey> = self.sessions.keys().collect();
+        // Everyone is leaving: announcing each leave to those still there
+        // would cost O(members²) frames and tell nobody anything useful.
+        self.closing_all = true;
         for key in &keys {
             self.close(now, *key, reason);
         }
+        self.closing_all = false;
         keys.len()
     }
 
@@ -970,7 +977,7 @@ impl Hub {
             self.cluster_left(id, key, &sid, &user, last_tab);
             return;
         }
-        if last_tab && r.options.presence {
+        if last_tab && r.options.presence && !self.closing_all {
             self.announce(id, key, PresenceAction::Leave, &user);
         }
         let r = &mut self.rooms[id];
@@ -1055,7 +1062,7 @@ impl Hub {
                 self.cluster_left(id, key, &session.sid, &session.identity.user, last_tab);
                 continue;
             }
-            if last_tab && r.options.presence {
+            if last_tab && r.options.presence && !self.closing_all {
                 self.announce(id, key, PresenceAction::Leave, &session.identity.user);
             }
             let r = &mut self.rooms[id];

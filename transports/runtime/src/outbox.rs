@@ -1,7 +1,7 @@
 //! Each session's bounded outbound queue.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use switchboard_core::{CloseReason, FrameKind};
@@ -16,6 +16,28 @@ pub struct OutFrame {
     pub bytes: Bytes,
     /// Its type (and, for a `message`, its room, seq and epoch).
     pub kind: FrameKind,
+    /// A transport's own encoding of the frame (a WebSocket text frame),
+    /// made by the first connection that writes it and shared by the rest.
+    wire: OnceLock<Bytes>,
+}
+
+impl OutFrame {
+    /// A frame as the core encoded it.
+    #[must_use]
+    pub fn new(bytes: Bytes, kind: FrameKind) -> Self {
+        Self {
+            bytes,
+            kind,
+            wire: OnceLock::new(),
+        }
+    }
+
+    /// The frame as the transport puts it on the wire, encoded once for all
+    /// recipients by `encode`. A runtime serves one wire format per frame,
+    /// so every caller passes the same `encode`.
+    pub fn wire(&self, encode: impl FnOnce(&[u8]) -> Bytes) -> &Bytes {
+        self.wire.get_or_init(|| encode(&self.bytes))
+    }
 }
 
 /// A session's outbound queue, bounded in bytes.

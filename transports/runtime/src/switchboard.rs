@@ -270,10 +270,7 @@ impl Inner {
             while let Some(output) = self.hub.poll_output() {
                 match output {
                     Output::Deliver(delivery) => {
-                        let frame = Arc::new(OutFrame {
-                            bytes: delivery.frame,
-                            kind: delivery.kind,
-                        });
+                        let frame = Arc::new(OutFrame::new(delivery.frame, delivery.kind));
                         for key in delivery.to.iter() {
                             if let Some(outbox) = self.outboxes.get(key) {
                                 if !outbox.push(&frame) {
