@@ -402,6 +402,9 @@ fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeErr
 /// break others. This pass decodes every string and number and keeps nothing
 /// (no allocation but serde_json's scratch buffer for escapes).
 fn relayable(data: &RawValue) -> Result<&RawValue, DecodeError<'static>> {
+    if !may_not_relay(data.get().as_bytes()) {
+        return Ok(data);
+    }
     let mut de = serde_json::Deserializer::from_str(data.get());
     serde::de::DeserializeSeed::deserialize(Walk(MAX_DATA_DEPTH), &mut de)
         .map(|()| data)
@@ -411,6 +414,53 @@ fn relayable(data: &RawValue) -> Result<&RawValue, DecodeError<'static>> {
                 format!("field `data` is not valid JSON: {e}"),
             )
         })
+}
+
+/// A fast scan of already well-formed JSON for what [`relayable`] must look
+/// at closely: `\u` escapes (possibly unpaired surrogates), numbers with an
+/// exponent or over 300 characters (possibly beyond `f64`), nesting deeper
+/// than [`MAX_DATA_DEPTH`]. False means none of them occur, so the full walk
+/// (about three times the cost of this scan for typical payloads) is skipped.
+fn may_not_relay(json: &[u8]) -> bool {
+    let mut depth = 0u32;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                i += 1;
+                while i < json.len() {
+                    match json[i] {
+                        b'\\' if json.get(i + 1) == Some(&b'u') => return true,
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DATA_DEPTH {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i + 1 < json.len()
+                    && matches!(json[i + 1], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let number = &json[start..=i];
+                if number.len() > 300 || number.iter().any(|b| matches!(b, b'e' | b'E')) {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 /// The deepest nesting of `data` accepted.
@@ -731,6 +781,26 @@ mod tests {
         ));
         let r = decode_client(br#"{"type":"presence","room":"a","id":"q"}"#).unwrap();
         assert!(matches!(r.frame, ClientFrame::Presence { .. }));
+    }
+
+    #[test]
+    fn the_fast_scan_flags_everything_the_walk_must_check() {
+        for risky in [
+            r#""\ud800""#,
+            r#"{"a":[1e400]}"#,
+            r#"-2E-3"#,
+            &format!("[{}]", "9".repeat(301)),
+            &"[".repeat(101),
+        ] {
+            assert!(may_not_relay(risky.as_bytes()), "{risky}");
+        }
+        for plain in [
+            r#"{"text":"h\"i\\","n":-12.5,"ok":true,"e":"1e400","u":"\\u"}"#,
+            "null",
+            r#"[[[]]]"#,
+        ] {
+            assert!(!may_not_relay(plain.as_bytes()), "{plain}");
+        }
     }
 
     #[test]
