@@ -405,6 +405,7 @@ pub async fn serve(listener: TcpListener, switchboard: Switchboard) {
         };
         let _ = stream.set_nodelay(true);
         let sb = switchboard.clone();
+        let stop = cancel.clone();
         switchboard.tasks().spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let sb = sb.clone();
@@ -413,7 +414,17 @@ pub async fn serve(listener: TcpListener, switchboard: Switchboard) {
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            if let Err(e) = connection.await {
+            tokio::pin!(connection);
+            // A kept-alive connection that never upgrades would otherwise
+            // hold shutdown for its whole timeout.
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "http connection failed");
             }
         });
