@@ -381,6 +381,7 @@ impl Hub {
             return;
         };
         r.syncing.remove(&key);
+        r.live_after.remove(&key);
         let note = last_tab.then(|| PresenceNote {
             user: user.clone(),
             subject: sid.clone(),
@@ -471,13 +472,26 @@ impl Hub {
         };
         let r = &mut self.rooms[rid];
         r.syncing.remove(&key);
+        // `r.seq` is the last message this node heard from the broker's
+        // fan-out, and so delivered to the room's other members. The broker
+        // may answer the join before its fan-out of messages up to
+        // `sync.seq` reaches this node (two connections, two tasks); those
+        // are still owed to the other members, so `r.seq` must not jump to
+        // `sync.seq` (it did, and the in-flight messages were then dropped
+        // as duplicates for everyone), and the joiner, whose `joined`
+        // covers them, is held back from them instead (`live_after`).
         if r.epoch != sync.epoch && (r.seq == 0 || r.history.is_empty() || sync.seq >= r.seq) {
-            // The broker's word on the room wins over what this node had seen.
-            r.history.retain(|_| false);
+            // The broker's word on the room wins over what this node had
+            // seen (a room new here, or a new epoch): its live stream
+            // restarts in the broker's epoch, from before any message.
+            r.history.clear();
+            r.live_after.clear();
             r.epoch = sync.epoch.clone();
-            r.seq = sync.seq;
+            r.seq = 0;
         }
-        r.seq = r.seq.max(sync.seq);
+        if r.epoch == sync.epoch && sync.seq > r.seq {
+            r.live_after.insert(key, sync.seq);
+        }
         let mut recovered = None;
         if let Some(since) = since {
             recovered = Some(sync.replay.is_some());
@@ -609,17 +623,22 @@ impl Hub {
     ) {
         let except = exclude.and_then(|sid| self.by_sid.get(sid.as_str()).copied());
         let r = &mut self.rooms[rid];
-        if r.epoch == *epoch && seq <= r.seq && !r.history.is_empty() {
+        // `r.seq` only ever moves to a message delivered here (or, after a
+        // resync that could not replay, to the broker's position), so at or
+        // below it in the same epoch is a duplicate.
+        if r.epoch == *epoch && seq <= r.seq {
             return; // already delivered
         }
         if r.epoch != *epoch {
             r.history.clear();
+            r.live_after.clear(); // a new epoch is news to every member
             r.epoch = epoch.clone();
         }
         r.seq = seq;
         let cap = r.options.history.max(MIN_RECENT);
         r.remember_up_to(seq, frame.clone(), cap);
-        let recipients = live_members(r, except, false);
+        let recipients = live_members(r, except, false, Some(seq));
+        r.live_after.retain(|_, after| *after > seq);
         let kind = FrameKind::Message {
             room: r.name.clone(),
             seq,
@@ -636,7 +655,7 @@ impl Hub {
             return;
         };
         let except = subject.and_then(|sid| self.by_sid.get(sid.as_str()).copied());
-        let recipients = live_members(&mut self.rooms[rid], except, true);
+        let recipients = live_members(&mut self.rooms[rid], except, true, None);
         self.deliver(recipients, frame, FrameKind::Presence);
     }
 
@@ -698,6 +717,11 @@ impl Hub {
                 None => {
                     let r = &mut self.rooms[rid];
                     r.history.clear();
+                    if r.epoch == sync.epoch {
+                        r.live_after.retain(|_, after| *after > sync.seq);
+                    } else {
+                        r.live_after.clear();
+                    }
                     r.epoch = sync.epoch.clone();
                     r.seq = sync.seq;
                 }
@@ -765,21 +789,30 @@ impl Hub {
     }
 }
 
-/// Members that receive live messages (not those still joining), optionally
+/// Members that receive live messages (not those still joining, nor, for
+/// the message `seq`, those whose `joined` already covered it), optionally
 /// only those that want presence events.
 fn live_members(
     r: &mut crate::room::Room,
     except: Option<SessionKey>,
     presence_only: bool,
+    seq: Option<u64>,
 ) -> Recipients {
-    if r.syncing.is_empty() && (!presence_only || r.quiet_members == 0) {
+    let held_back = seq.is_some() && !r.live_after.is_empty();
+    if r.syncing.is_empty() && !held_back && (!presence_only || r.quiet_members == 0) {
         return Recipients::shared(r.members_shared(), except);
     }
+    let covered = |k: &SessionKey| {
+        seq.is_some_and(|seq| r.live_after.get(k).is_some_and(|after| seq <= *after))
+    };
     Recipients::list(
         r.members
             .iter()
             .filter(|(k, wants)| {
-                !r.syncing.contains_key(*k) && Some(**k) != except && (!presence_only || **wants)
+                !r.syncing.contains_key(*k)
+                    && Some(**k) != except
+                    && (!presence_only || **wants)
+                    && !covered(k)
             })
             .map(|(k, _)| *k)
             .collect(),
@@ -790,5 +823,113 @@ fn recipient(to: &Target<'_>) -> Recipient {
     match to {
         Target::User(user) => Recipient::User(UserId::from(&**user)),
         Target::Sid(sid) => Recipient::Sid(Sid::from(&**sid)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{Config, Identity, Liveness, OpenPolicy, Sequencing};
+
+    const NOW: Timestamp = Timestamp::from_millis(1_000);
+
+    fn hub() -> Hub {
+        let config = Config {
+            sequencing: Sequencing::Broker,
+            ..Config::default()
+        };
+        Hub::new(config, Arc::new(OpenPolicy), 1).expect("a valid config")
+    }
+
+    fn connect(hub: &mut Hub, user: &str) -> SessionKey {
+        let key = hub
+            .connect(NOW, Sid::from(user), Identity::new(user), Liveness::Client)
+            .expect("connect");
+        while hub.poll_output().is_some() {}
+        key
+    }
+
+    /// Sends `join` of room `r`; returns the broker request's reply.
+    fn join(hub: &mut Hub, key: SessionKey) -> Reply {
+        hub.handle_frame(NOW, key, br#"{"type":"join","room":"r"}"#)
+            .expect("join");
+        let mut reply = None;
+        while let Some(output) = hub.poll_output() {
+            if let Output::Broker(BrokerRequest::Join { reply: r, .. }) = output {
+                reply = Some(r);
+            }
+        }
+        reply.expect("a join request")
+    }
+
+    fn answer(seq: u64) -> Result<RoomSync, ()> {
+        Ok(RoomSync {
+            seq,
+            epoch: Epoch::from("E"),
+            users: 1,
+            replay: None,
+        })
+    }
+
+    /// The broker's fan-out of message `seq` of room `r`.
+    fn fan_out(hub: &mut Hub, seq: u64) {
+        let frame = Bytes::from(format!(r#"{{"type":"message","seq":{seq}}}"#));
+        hub.handle_broker_message(NOW, "r", seq, &Epoch::from("E"), frame, None);
+    }
+
+    /// The seqs of the `message` frames `key` got since the last call.
+    fn seqs(hub: &mut Hub, keys: &[SessionKey]) -> Vec<Vec<u64>> {
+        let mut got = vec![Vec::new(); keys.len()];
+        while let Some(output) = hub.poll_output() {
+            if let Output::Deliver(delivery) = output {
+                if let FrameKind::Message { seq, .. } = delivery.kind {
+                    for to in delivery.to.iter() {
+                        if let Some(i) = keys.iter().position(|k| *k == to) {
+                            got[i].push(seq);
+                        }
+                    }
+                }
+            }
+        }
+        got
+    }
+
+    /// The broker answers a join at seq 3 before its fan-out of 2 and 3
+    /// reaches the node: the member already there still gets them, the
+    /// joiner (whose `joined` says 3) does not.
+    #[test]
+    fn a_join_answered_ahead_of_the_fan_out_costs_the_others_nothing() {
+        let mut hub = hub();
+        let old = connect(&mut hub, "old");
+        let reply = join(&mut hub, old);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        assert_eq!(seqs(&mut hub, &[old]), [vec![1]]);
+        let new = connect(&mut hub, "new");
+        let reply = join(&mut hub, new);
+        hub.complete_join(NOW, reply, answer(3));
+        for seq in 2..=4 {
+            fan_out(&mut hub, seq);
+        }
+        assert_eq!(seqs(&mut hub, &[old, new]), [vec![2, 3, 4], vec![4]]);
+    }
+
+    /// Two joins of a room new to the node, answered out of order: each
+    /// joiner gets exactly what follows its own `joined`, once.
+    #[test]
+    fn joins_answered_out_of_order_each_get_what_follows_their_joined() {
+        let mut hub = hub();
+        let first = connect(&mut hub, "first");
+        let second = connect(&mut hub, "second");
+        let first_reply = join(&mut hub, first);
+        let second_reply = join(&mut hub, second);
+        hub.complete_join(NOW, second_reply, answer(3));
+        fan_out(&mut hub, 2);
+        fan_out(&mut hub, 3);
+        hub.complete_join(NOW, first_reply, answer(1));
+        fan_out(&mut hub, 4);
+        assert_eq!(seqs(&mut hub, &[first, second]), [vec![2, 3, 4], vec![4]]);
     }
 }

@@ -34,6 +34,11 @@ pub(crate) struct Room {
     /// Broker mode: members whose join waits for the broker, with their
     /// `since` seq; they get no live messages until it completes.
     pub(crate) syncing: HashMap<SessionKey, Option<u64>, HashState>,
+    /// Broker mode: members whose `joined` carried a seq this node has not
+    /// heard yet (the broker answered the join before its fan-out of the
+    /// messages up to that seq arrived here). Live messages up to that seq
+    /// are not theirs; the room's other members still get them.
+    pub(crate) live_after: HashMap<SessionKey, u64, HashState>,
     /// Broker mode: live messages held while the room catches up after a
     /// broker reconnect (`Some` while it does).
     pub(crate) resync_buffer: Option<Vec<crate::cluster::Held>>,
@@ -60,6 +65,7 @@ impl Room {
             last_activity: now,
             timer_at: None,
             syncing: HashMap::with_hasher(hash.clone()),
+            live_after: HashMap::with_hasher(hash.clone()),
             resync_buffer: None,
         }
     }

@@ -250,9 +250,18 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError> {
+        // No retries inside a command: with the default (6, backing off to
+        // `max_delay`) every command issued while Redis is away waited
+        // several seconds for the manager's reconnect attempts before it
+        // failed, and so did the session that sent it (its next frames, a
+        // `ping` included, wait for it). Now a command fails at once and
+        // starts one reconnect attempt; the node heartbeat's commands keep
+        // trying every `node_ttl / 3`, and the pub/sub loop has its own
+        // backoff.
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(0)
             .set_max_delay(Duration::from_secs(2));
         let manager = ConnectionManager::new_with_config(self.inner.client.clone(), config)
             .await
@@ -319,21 +328,20 @@ impl Broker for RedisBroker {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.clone());
         let mut sink = self.inner.sink.lock().await;
-        let result = match sink.as_mut() {
+        // On failure the channel stays wanted, so the pub/sub loop subscribes
+        // it when it reconnects: a session opened while Redis was away must
+        // become reachable (`direct`) once it is back, and a room another
+        // member joined meanwhile must be heard. (It was forgotten, and such
+        // a session stayed `unknown_target` for good.) Whoever no longer
+        // needs it unsubscribes: a refused join undoes itself with
+        // `Left { unsubscribe }`, a closed session unsubscribes its channels.
+        match sink.as_mut() {
             Some(sink) => tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&name))
                 .await
                 .map_err(|_| BrokerError("subscribe timed out".into()))
                 .and_then(|r| r.map_err(err)),
             None => Err(BrokerError("not connected to Redis".into())),
-        };
-        if result.is_err() {
-            self.inner
-                .wanted
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&name);
         }
-        result
     }
 
     async fn unsubscribe(&self, channel: &Channel) {
@@ -528,6 +536,10 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
         match broker.inner.client.get_async_pubsub().await {
             Ok(pubsub) => {
                 let (mut sink, mut stream) = pubsub.split();
+                // Held from the snapshot of `wanted` until the sink is in
+                // place: a concurrent `subscribe` either is in the snapshot
+                // or runs on the new sink after this, never in between.
+                let mut current = broker.inner.sink.lock().await;
                 let wanted: Vec<String> = broker
                     .inner
                     .wanted
@@ -544,7 +556,8 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
                     }
                 }
                 if ok {
-                    *broker.inner.sink.lock().await = Some(sink);
+                    *current = Some(sink);
+                    drop(current);
                     backoff = Duration::from_millis(100);
                     if connected_before {
                         tracing::info!("reconnected to Redis");

@@ -200,7 +200,9 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response<Bytes>> {
 fn failure(e: &crate::Error) -> Response<Bytes> {
     let status = match e.code() {
         ErrorCode::FrameTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::ServerFull => StatusCode::SERVICE_UNAVAILABLE,
+        // A broker outage is the server's trouble, not a bad request:
+        // PROTOCOL.md promises 503 `unavailable` (it answered 400).
+        ErrorCode::ServerFull | ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::BAD_REQUEST,
     };
     error(status, e.code(), &e.to_string())

@@ -1,0 +1,1392 @@
+//! Several `switchboard` nodes sharing rooms through one real Redis (issue #7).
+//!
+//! Every test starts its own `redis-server` (the Debian package; CI installs
+//! it) on a free 127.0.0.1 port, then two or three `switchboard` processes
+//! (this crate's binary) pointed at it, and drives them with real WebSocket
+//! clients and a plain HTTP/1.1 client. Processes are owned by guards that
+//! kill them on drop, so a failing test leaves nothing running. Every wait is
+//! bounded by [`WAIT`]; nothing asserts on timing. The tests run one at a
+//! time (they start processes, and the machine may have two cores).
+//!
+//! Each process writes its log to `$CARGO_TARGET_TMPDIR/cluster/<test>-<name>.log`.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::File;
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The longest any one wait may take. A healthy run needs milliseconds for
+/// most, a few seconds for node reaping and Redis reconnects.
+const WAIT: Duration = Duration::from_secs(30);
+/// The HTTP publish API's key on every node.
+const API_KEY: &str = "k";
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// One test at a time: each starts several processes.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs one test on its own tokio runtime, after the previous test ended.
+fn run(test: impl Future<Output = ()>) {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(test);
+}
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {WAIT:?}: {what}"),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn log_path(test: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster");
+    std::fs::create_dir_all(&dir).expect("create the log directory");
+    dir.join(format!("{test}-{name}.log"))
+}
+
+fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let file = File::create(path).expect("create a log file");
+    let copy = file.try_clone().expect("clone a log file");
+    (Stdio::from(file), Stdio::from(copy))
+}
+
+fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+// ---- processes ----------------------------------------------------------
+
+/// A `redis-server` child with no persistence; killed on drop.
+struct Redis {
+    test: String,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Redis {
+    async fn start(test: &str) -> Self {
+        for _ in 0..5 {
+            let mut redis = Self {
+                test: test.to_owned(),
+                port: free_port(),
+                child: None,
+                log: PathBuf::new(),
+                starts: 0,
+            };
+            if redis.spawn().await {
+                return redis;
+            }
+        }
+        panic!("redis-server would not start on a free port");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on `self.port`; false when it exited at once
+    /// (the port was taken).
+    async fn spawn(&mut self) -> bool {
+        self.starts += 1;
+        self.log = log_path(&self.test, &format!("redis-{}", self.starts));
+        let (stdout, stderr) = log_file(&self.log);
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed, and the cluster tests need a real Redis: \
+                 install it with `apt-get install -y redis-server`"
+            ),
+            Err(e) => panic!("cannot start redis-server: {e}"),
+        };
+        self.child = Some(child);
+        let ready = within("redis-server to answer PING", async {
+            loop {
+                if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                    return false;
+                }
+                if ping_redis(self.port).await {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        if !ready {
+            eprintln!("redis-server exited at start:\n{}", read_log(&self.log));
+        }
+        ready
+    }
+
+    /// Kills the server (SIGKILL): everything it held is gone.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A fresh, empty server on the same port.
+    async fn restart(&mut self) {
+        self.stop();
+        let restarted = within("redis-server to restart on its port", async {
+            while !self.spawn().await {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        restarted.await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn ping_redis(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
+        return false;
+    };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    stream.read_exact(&mut reply).await.is_ok() && &reply == b"+PONG\r\n"
+}
+
+/// A `switchboard` node child (`--auth trust`, `--redis`); killed on drop.
+struct Node {
+    name: String,
+    port: u16,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Node {
+    async fn start(test: &str, name: &str, redis: &Redis, extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let log = log_path(test, name);
+            let (stdout, stderr) = log_file(&log);
+            let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--auth", "trust", "--api-key", API_KEY])
+                .args(["--redis", &redis.url()])
+                // The tests pipeline frames; the default 50/s would refuse them.
+                .args(["--rate-per-sec", "100000", "--rate-burst", "100000"])
+                .args(extra)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .expect("start the switchboard binary");
+            let mut node = Self {
+                name: name.to_owned(),
+                port,
+                child,
+                log,
+            };
+            match node.wait_ready().await {
+                Ok(()) => return node,
+                Err(status) => {
+                    let log = read_log(&node.log);
+                    if log.contains("in use") {
+                        continue; // another process took the port meanwhile
+                    }
+                    panic!("node {name} exited at start ({status}); its log:\n{log}");
+                }
+            }
+        }
+        panic!("node {name} found no free port");
+    }
+
+    /// Ready once it listens (it connects to Redis before it binds).
+    async fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
+        let what = format!("node {} to listen", self.name);
+        within(&what, async {
+            loop {
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    return Err(status);
+                }
+                if TcpStream::connect((Ipv4Addr::LOCALHOST, self.port))
+                    .await
+                    .is_ok()
+                {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }
+
+    /// Still running (did not panic or exit).
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn assert_running(&mut self) {
+        assert!(
+            self.is_running(),
+            "node {} is no longer running; its log:\n{}",
+            self.name,
+            read_log(&self.log)
+        );
+    }
+
+    /// SIGKILL: no goodbye to Redis, no cleanup.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---- HTTP ---------------------------------------------------------------
+
+/// `POST path` with the API key and a JSON body; the status and the JSON answer.
+async fn http_post(port: u16, path: &str, body: &Value) -> (u16, Value) {
+    let body = body.to_string();
+    within(&format!("POST {path} on port {port}"), async {
+        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect for HTTP");
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {API_KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .expect("send the HTTP request");
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .expect("read the HTTP answer");
+        let text = String::from_utf8(raw).expect("a UTF-8 answer");
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("an HTTP status");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        (status, value)
+    })
+    .await
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `POST /api/publish`, which must succeed; returns the answer (`seq`, `epoch`).
+async fn api_publish(node: &Node, room: &str, data: Value) -> Value {
+    let (status, answer) = http_post(
+        node.port,
+        "/api/publish",
+        &json!({"room": room, "data": data}),
+    )
+    .await;
+    assert_eq!(status, 200, "publish through node {}: {answer}", node.name);
+    answer
+}
+
+// ---- WebSocket clients ----------------------------------------------------
+
+/// A WebSocket client. Frames read while waiting for something else are
+/// kept, in order, in `pending`.
+struct Client {
+    user: String,
+    sid: String,
+    ws: Ws,
+    pending: VecDeque<Value>,
+}
+
+impl Client {
+    /// Connects as `user` (`--auth trust`: the token is the user name) and
+    /// reads `welcome`.
+    async fn connect(node: &Node, user: &str) -> Self {
+        let url = format!("ws://127.0.0.1:{}/ws?token={user}", node.port);
+        let what = format!("{user} connecting to node {}", node.name);
+        let (ws, _) = within(&what, tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut client = Self {
+            user: user.to_owned(),
+            sid: String::new(),
+            ws,
+            pending: VecDeque::new(),
+        };
+        let welcome = client.read().await;
+        assert_eq!(welcome["type"], "welcome", "{user}: {welcome}");
+        client.sid = welcome["sid"].as_str().expect("welcome.sid").to_owned();
+        client
+    }
+
+    async fn send(&mut self, frame: Value) {
+        let what = format!("{} sending {frame}", self.user);
+        within(&what, self.ws.send(Message::text(frame.to_string())))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+
+    /// The next frame from the socket; server `ping`s are answered here.
+    async fn read(&mut self) -> Value {
+        loop {
+            let what = format!("{} waiting for a frame", self.user);
+            match within(&what, self.ws.next()).await {
+                Some(Ok(Message::Text(text))) => {
+                    let frame: Value = serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {text}", self.user));
+                    if frame["type"] == "ping" {
+                        self.send(json!({"type": "pong"})).await;
+                        continue;
+                    }
+                    return frame;
+                }
+                Some(Ok(Message::Close(close))) => {
+                    panic!("{}: the server closed the connection: {close:?}", self.user)
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("{}: connection failed: {e}", self.user),
+                None => panic!("{}: connection ended", self.user),
+            }
+        }
+    }
+
+    /// The first frame (kept or new) that matches; others are kept in order.
+    async fn wait_for(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(at) = self.pending.iter().position(&matches) {
+            return self.pending.remove(at).expect("a kept frame");
+        }
+        let what = format!("{} waiting for {what}", self.user);
+        within(&what, async {
+            loop {
+                let frame = self.read().await;
+                if matches(&frame) {
+                    return frame;
+                }
+                self.pending.push_back(frame);
+            }
+        })
+        .await
+    }
+
+    /// The `ack` or `error` answering the frame with this `id`.
+    async fn answer(&mut self, id: &str) -> Value {
+        self.wait_for(&format!("the answer to {id}"), |f| {
+            (f["type"] == "ack" || f["type"] == "error") && f["id"] == id
+        })
+        .await
+    }
+
+    /// Sends a frame that has an `id` and returns its answer (`ack` or `error`).
+    async fn request(&mut self, frame: Value) -> Value {
+        let id = frame["id"].as_str().expect("a string id").to_owned();
+        self.send(frame).await;
+        self.answer(&id).await
+    }
+
+    /// Joins `room` (from `since` if given) and returns the messages
+    /// replayed before `joined`, and `joined`; its `ack` is awaited too.
+    async fn join_since(&mut self, room: &str, since: Option<(u64, &str)>) -> (Vec<Value>, Value) {
+        let id = format!("join-{room}");
+        let mut frame = json!({"type": "join", "room": room, "id": id});
+        if let Some((seq, epoch)) = since {
+            frame["since"] = json!({"seq": seq, "epoch": epoch});
+        }
+        self.send(frame).await;
+        let mut replay = Vec::new();
+        let what = format!("{} joining {room}", self.user);
+        let joined = within(&what, async {
+            loop {
+                let frame = self.read().await;
+                match frame["type"].as_str() {
+                    Some("joined") if frame["room"] == room => return frame,
+                    Some("message") if frame["room"] == room => replay.push(frame),
+                    Some("error") if frame["id"] == id => panic!("{what}: refused: {frame}"),
+                    _ => self.pending.push_back(frame),
+                }
+            }
+        })
+        .await;
+        let ack = self.answer(&id).await;
+        assert_eq!(ack["type"], "ack", "{what}: {ack}");
+        (replay, joined)
+    }
+
+    /// Joins `room` with no `since`; returns `joined`.
+    async fn join(&mut self, room: &str) -> Value {
+        let (replay, joined) = self.join_since(room, None).await;
+        assert!(replay.is_empty(), "{}: replay without since", self.user);
+        joined
+    }
+
+    async fn publish(&mut self, room: &str, id: &str, data: Value) {
+        self.send(json!({"type": "publish", "room": room, "id": id, "data": data}))
+            .await;
+    }
+
+    async fn next_message(&mut self) -> Value {
+        self.wait_for("a message", |f| f["type"] == "message").await
+    }
+
+    /// The `message` frames up to and including the first whose data has
+    /// `"fence": true`; all must be of `room`.
+    async fn messages_until_fence(&mut self, room: &str) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let message = self.next_message().await;
+            assert_eq!(
+                message["room"], room,
+                "{}: a message of another room: {message}",
+                self.user
+            );
+            let fence = message["data"]["fence"] == true;
+            messages.push(message);
+            if fence {
+                return messages;
+            }
+        }
+    }
+
+    /// The next presence event (`join` or `leave`) of `room`.
+    async fn next_presence(&mut self, room: &str) -> Value {
+        self.wait_for(&format!("a presence event in {room}"), |f| {
+            f["type"] == "presence" && f["room"] == room && f["action"] != "list"
+        })
+        .await
+    }
+
+    /// A round trip through the node (`ping` → `pong`, `ack`), after which no
+    /// `message` may have arrived: nothing came after the last expected one.
+    async fn assert_no_more_messages(&mut self) {
+        let answer = self.request(json!({"type": "ping", "id": "quiet"})).await;
+        assert_eq!(answer["type"], "ack", "{}: {answer}", self.user);
+        let stray: Vec<&Value> = self
+            .pending
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .collect();
+        assert!(
+            stray.is_empty(),
+            "{}: messages beyond the expected ones: {stray:?}",
+            self.user
+        );
+    }
+
+    /// Sends `ping` with an id and checks that `pong` and `ack` come back.
+    async fn assert_answers_ping(&mut self, id: &str) {
+        self.send(json!({"type": "ping", "id": id})).await;
+        let pong = self.wait_for("pong", |f| f["type"] == "pong").await;
+        assert_eq!(pong["type"], "pong");
+        let ack = self.answer(id).await;
+        assert_eq!(ack["type"], "ack", "{}: {ack}", self.user);
+    }
+
+    async fn presence_list(&mut self, room: &str) -> Vec<String> {
+        let id = format!("who-{room}");
+        self.send(json!({"type": "presence", "room": room, "id": id}))
+            .await;
+        let list = self
+            .wait_for("a presence list", |f| {
+                (f["type"] == "presence" && f["action"] == "list" && f["room"] == room)
+                    || (f["type"] == "error" && f["id"] == id)
+            })
+            .await;
+        assert_eq!(list["type"], "presence", "{}: {list}", self.user);
+        let ack = self.answer(&id).await;
+        assert_eq!(ack["type"], "ack");
+        let members: Vec<String> = list["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| m.as_str().expect("a user name").to_owned())
+            .collect();
+        assert_eq!(list["count"], members.len(), "{list}");
+        members
+    }
+
+    async fn close(mut self) {
+        let _ = within("close", self.ws.close(None)).await;
+    }
+}
+
+fn seq(message: &Value) -> u64 {
+    message["seq"].as_u64().expect("a message seq")
+}
+
+/// Checks that `messages` have the seqs `first`, `first + 1`, … in one epoch.
+fn assert_consecutive(who: &str, messages: &[Value], first: u64) {
+    let seqs: Vec<u64> = messages.iter().map(seq).collect();
+    if let Some(at) = (0..seqs.len()).find(|&i| seqs[i] != first + i as u64) {
+        let around = &seqs[at.saturating_sub(3)..(at + 4).min(seqs.len())];
+        panic!(
+            "{who}: seqs not consecutive from {first}: seq {} expected at position {at}, \
+             found {around:?} around it ({} messages)",
+            first + at as u64,
+            seqs.len()
+        );
+    }
+    let epochs: BTreeSet<&str> = messages
+        .iter()
+        .filter_map(|m| m["epoch"].as_str())
+        .collect();
+    assert!(epochs.len() <= 1, "{who}: several epochs: {epochs:?}");
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+// ---- tests ----------------------------------------------------------------
+
+/// Publishes from clients on three nodes and from the HTTP API of each node,
+/// all at once: every member on every node gets every message once, in
+/// `seq` order, and all members see the same order.
+#[test]
+fn every_member_on_every_node_gets_every_message_once_in_order() {
+    run(async {
+        let test = "fanout";
+        let redis = Redis::start(test).await;
+        let mut nodes = Vec::new();
+        for name in ["a", "b", "c"] {
+            nodes.push(Node::start(test, name, &redis, &[]).await);
+        }
+        let mut clients = Vec::new();
+        for node in &nodes {
+            for tab in 0..2 {
+                let mut client = Client::connect(node, &format!("{}{tab}", node.name)).await;
+                client.join("lobby").await;
+                clients.push(client);
+            }
+        }
+
+        const FROM_CLIENT: u64 = 25;
+        const FROM_API: u64 = 10;
+        // The HTTP publishers run while the clients publish.
+        let api: Vec<_> = nodes
+            .iter()
+            .map(|node| {
+                let (port, name) = (node.port, format!("api-{}", node.name));
+                tokio::spawn(async move {
+                    let mut seqs = Vec::new();
+                    for i in 0..FROM_API {
+                        let body = json!({"room": "lobby", "data": {"by": name, "i": i}});
+                        let (status, answer) = http_post(port, "/api/publish", &body).await;
+                        assert_eq!(status, 200, "{answer}");
+                        seqs.push(answer["seq"].as_u64().expect("seq"));
+                    }
+                    seqs
+                })
+            })
+            .collect();
+        let publishers = [0, 2, 4]; // one client on each node
+        for i in 0..FROM_CLIENT {
+            for &p in &publishers {
+                let data = json!({"by": clients[p].user, "i": i});
+                clients[p].publish("lobby", &format!("p{i}"), data).await;
+            }
+        }
+        for &p in &publishers {
+            for i in 0..FROM_CLIENT {
+                let answer = clients[p].answer(&format!("p{i}")).await;
+                assert_eq!(answer["type"], "ack", "{answer}");
+            }
+        }
+        let mut api_seqs = BTreeSet::new();
+        for task in api {
+            for seq in within("the API publishers", task)
+                .await
+                .expect("API publisher")
+            {
+                assert!(api_seqs.insert(seq), "seq {seq} answered twice");
+            }
+        }
+        // Published after all the others: everything before it was sequenced.
+        api_publish(&nodes[2], "lobby", json!({"fence": true})).await;
+
+        let total = 3 * FROM_CLIENT + 3 * FROM_API + 1;
+        let mut expected: BTreeSet<(String, u64)> = BTreeSet::new();
+        for &p in &publishers {
+            for i in 0..FROM_CLIENT {
+                expected.insert((clients[p].user.clone(), i));
+            }
+        }
+        for node in &nodes {
+            for i in 0..FROM_API {
+                expected.insert((format!("api-{}", node.name), i));
+            }
+        }
+        let mut reference: Option<Vec<Value>> = None;
+        for client in &mut clients {
+            let messages = client.messages_until_fence("lobby").await;
+            assert_eq!(messages.len() as u64, total, "{}", client.user);
+            assert_consecutive(&client.user, &messages, 1);
+            let got: BTreeSet<(String, u64)> = messages[..messages.len() - 1]
+                .iter()
+                .map(|m| {
+                    let by = m["data"]["by"].as_str().expect("data.by").to_owned();
+                    (by, m["data"]["i"].as_u64().expect("data.i"))
+                })
+                .collect();
+            assert_eq!(got, expected, "{}: not every message once", client.user);
+            // Each publisher's messages in its own order.
+            for &p in &publishers {
+                let mine: Vec<u64> = messages
+                    .iter()
+                    .filter(|m| m["data"]["by"] == clients_user(p))
+                    .map(|m| m["data"]["i"].as_u64().expect("i"))
+                    .collect();
+                assert_eq!(
+                    mine,
+                    (0..FROM_CLIENT).collect::<Vec<_>>(),
+                    "{}",
+                    client.user
+                );
+            }
+            client.assert_no_more_messages().await;
+            match &reference {
+                None => reference = Some(messages),
+                Some(first) => assert_eq!(
+                    first, &messages,
+                    "{}: not the same frames as the first member",
+                    client.user
+                ),
+            }
+        }
+        let from_api: BTreeSet<u64> = reference
+            .expect("members")
+            .iter()
+            .filter(|m| {
+                m["data"]["by"]
+                    .as_str()
+                    .is_some_and(|b| b.starts_with("api-"))
+            })
+            .map(seq)
+            .collect();
+        assert_eq!(from_api, api_seqs, "the API answered other seqs");
+        for node in &mut nodes {
+            node.assert_running();
+        }
+    });
+}
+
+/// The user name of publisher client `index` in the fan-out test.
+fn clients_user(index: usize) -> String {
+    let node = ["a", "b", "c"][index / 2];
+    format!("{node}{}", index % 2)
+}
+
+/// A client that saw seq N on node A reconnects to node B with `since`: it
+/// gets N+1.. replayed, then `joined` with `recovered: true`.
+#[test]
+fn recovery_through_another_node() {
+    run(async {
+        let test = "recovery";
+        let redis = Redis::start(test).await;
+        let a = Node::start(test, "a", &redis, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+
+        let mut first = Client::connect(&a, "reader").await;
+        first.join("news").await;
+        for i in 1..=5 {
+            api_publish(&a, "news", json!({"i": i})).await;
+        }
+        let mut last = Value::Null;
+        for i in 1..=5u64 {
+            last = first.next_message().await;
+            assert_eq!(seq(&last), i);
+        }
+        let epoch = last["epoch"].as_str().expect("epoch").to_owned();
+        first.close().await;
+        for i in 6..=8 {
+            api_publish(&b, "news", json!({"i": i})).await;
+        }
+
+        // Node B has no member in the room: its join starts from the broker.
+        let mut again = Client::connect(&b, "reader").await;
+        let (replay, joined) = again.join_since("news", Some((5, &epoch))).await;
+        assert_consecutive("reader on b", &replay, 6);
+        assert_eq!(replay.len(), 3, "{replay:?}");
+        let data: Vec<u64> = replay
+            .iter()
+            .map(|m| m["data"]["i"].as_u64().expect("i"))
+            .collect();
+        assert_eq!(data, [6, 7, 8]);
+        assert!(replay.iter().all(|m| m["epoch"] == epoch.as_str()));
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(joined["seq"], 8, "{joined}");
+        assert_eq!(joined["epoch"], epoch.as_str(), "{joined}");
+        // Live delivery continues after the replay.
+        api_publish(&a, "news", json!({"i": 9})).await;
+        let live = again.next_message().await;
+        assert_eq!(seq(&live), 9, "{live}");
+
+        // `since` = the latest seq: recovered, nothing replayed (node A again,
+        // which has no member either now).
+        let mut up_to_date = Client::connect(&a, "other").await;
+        let (replay, joined) = up_to_date.join_since("news", Some((9, &epoch))).await;
+        assert!(replay.is_empty(), "{replay:?}");
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(joined["seq"], 9);
+
+        // A foreign epoch cannot be resumed, on either node.
+        let mut stranger = Client::connect(&b, "stranger").await;
+        let (replay, joined) = stranger.join_since("news", Some((3, "not-it"))).await;
+        assert!(replay.is_empty(), "{replay:?}");
+        assert_eq!(joined["recovered"], false, "{joined}");
+        assert_eq!(joined["seq"], 9);
+        assert_eq!(joined["epoch"], epoch.as_str());
+
+        // Everyone still in the room gets the next one once.
+        api_publish(&b, "news", json!({"fence": true})).await;
+        for client in [&mut again, &mut up_to_date, &mut stranger] {
+            let messages = client.messages_until_fence("news").await;
+            assert_eq!(messages.len(), 1, "{}: {messages:?}", client.user);
+            assert_eq!(seq(&messages[0]), 10);
+            client.assert_no_more_messages().await;
+        }
+    });
+}
+
+/// `direct` to a user reaches their tabs on both nodes; to a sid, that one
+/// tab; to a user nowhere, `unknown_target`. The HTTP API counts nodes.
+#[test]
+fn direct_to_a_user_with_tabs_on_two_nodes() {
+    run(async {
+        let test = "direct";
+        let redis = Redis::start(test).await;
+        let a = Node::start(test, "a", &redis, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+
+        let mut tab_a = Client::connect(&a, "dora").await;
+        let mut tab_b = Client::connect(&b, "dora").await;
+        let mut sender = Client::connect(&b, "sam").await;
+
+        let answer = sender
+            .request(json!({"type": "direct", "id": "d1", "to": {"user": "dora"},
+                            "event": "note", "data": {"text": "hi"}}))
+            .await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+        for tab in [&mut tab_a, &mut tab_b] {
+            let direct = tab.wait_for("a direct", |f| f["type"] == "direct").await;
+            assert_eq!(direct["data"], json!({"text": "hi"}), "{direct}");
+            assert_eq!(direct["event"], "note");
+            assert_eq!(direct["from"]["user"], "sam");
+            assert_eq!(direct["from"]["sid"], sender.sid.as_str());
+        }
+
+        let answer = sender
+            .request(json!({"type": "direct", "id": "d2", "to": {"user": "nobody"}, "data": 1}))
+            .await;
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["code"], "unknown_target", "{answer}");
+
+        // To one session: only that tab (the other's next direct is the next one).
+        let to_sid =
+            json!({"type": "direct", "id": "d3", "to": {"sid": tab_a.sid}, "data": "only a"});
+        let answer = sender.request(to_sid).await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+        let direct = tab_a.wait_for("a direct", |f| f["type"] == "direct").await;
+        assert_eq!(direct["data"], "only a");
+
+        // From the server, through node A's API: both nodes had a recipient.
+        let (status, answer) = http_post(
+            a.port,
+            "/api/direct",
+            &json!({"user": "dora", "data": "from the server"}),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["delivered"], 2, "{answer}");
+        for tab in [&mut tab_a, &mut tab_b] {
+            let direct = tab.wait_for("a direct", |f| f["type"] == "direct").await;
+            assert_eq!(direct["data"], "from the server", "{}: {direct}", tab.user);
+            assert_eq!(direct["from"], json!({"server": true}));
+        }
+        let (status, answer) =
+            http_post(b.port, "/api/direct", &json!({"user": "nobody", "data": 0})).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer["delivered"], 0, "{answer}");
+
+        // A closed tab no longer counts: one node left with a recipient.
+        tab_b.close().await;
+        let delivered = within("dora's tab on b to be gone", async {
+            loop {
+                let (_, answer) =
+                    http_post(a.port, "/api/direct", &json!({"user": "dora", "data": "x"})).await;
+                if answer["delivered"] == 1 {
+                    return answer;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert_eq!(delivered["delivered"], 1);
+    });
+}
+
+/// Presence spans nodes: join and leave events carry cluster-wide counts, a
+/// second tab of a present user changes nothing, and `presence` lists the
+/// users of every node.
+#[test]
+fn presence_across_nodes() {
+    run(async {
+        let test = "presence";
+        let redis = Redis::start(test).await;
+        let a = Node::start(test, "a", &redis, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+
+        let mut ann = Client::connect(&a, "ann").await;
+        let joined = ann.join("hall").await;
+        assert_eq!(joined["members"], 1, "{joined}");
+
+        let mut bob = Client::connect(&b, "bob").await;
+        let joined = bob.join("hall").await;
+        assert_eq!(joined["members"], 2, "{joined}");
+        let event = ann.next_presence("hall").await;
+        assert_eq!(
+            (&event["action"], &event["user"], &event["count"]),
+            (&json!("join"), &json!("bob"), &json!(2)),
+            "{event}"
+        );
+
+        let mut cid = Client::connect(&a, "cid").await;
+        let joined = cid.join("hall").await;
+        assert_eq!(joined["members"], 3, "{joined}");
+        for client in [&mut ann, &mut bob] {
+            let event = client.next_presence("hall").await;
+            assert_eq!(
+                (&event["action"], &event["user"], &event["count"]),
+                (&json!("join"), &json!("cid"), &json!(3)),
+                "{}: {event}",
+                client.user
+            );
+        }
+
+        // Bob's second tab, on the other node: he is present already.
+        let mut bob_on_a = Client::connect(&a, "bob").await;
+        let joined = bob_on_a.join("hall").await;
+        assert_eq!(joined["members"], 3, "{joined}");
+
+        for client in [&mut ann, &mut bob, &mut cid, &mut bob_on_a] {
+            let members = client.presence_list("hall").await;
+            assert_eq!(members, users(&["ann", "bob", "cid"]), "{}", client.user);
+        }
+
+        // Cid leaves: everyone else, on both nodes, hears it.
+        let answer = cid
+            .request(json!({"type": "leave", "room": "hall", "id": "bye"}))
+            .await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+        for client in [&mut ann, &mut bob, &mut bob_on_a] {
+            let event = client.next_presence("hall").await;
+            assert_eq!(
+                (&event["action"], &event["user"], &event["count"]),
+                (&json!("leave"), &json!("cid"), &json!(2)),
+                "{}: {event}",
+                client.user
+            );
+        }
+
+        // Bob closes his tab on b, then the one on a: one leave, after the last.
+        bob.close().await;
+        bob_on_a.close().await;
+        let event = ann.next_presence("hall").await;
+        assert_eq!(
+            (&event["action"], &event["user"], &event["count"]),
+            (&json!("leave"), &json!("bob"), &json!(1)),
+            "{event}"
+        );
+        // The next event is the next join: no second leave for bob.
+        let mut dee = Client::connect(&b, "dee").await;
+        dee.join("hall").await;
+        let event = ann.next_presence("hall").await;
+        assert_eq!(
+            (&event["action"], &event["user"], &event["count"]),
+            (&json!("join"), &json!("dee"), &json!(2)),
+            "{event}"
+        );
+        assert_eq!(ann.presence_list("hall").await, users(&["ann", "dee"]));
+    });
+}
+
+/// A node killed with SIGKILL says nothing; once its heartbeat key expires
+/// (`--redis-node-ttl-ms`), a surviving node removes its users from presence
+/// and announces their leaves.
+#[test]
+fn presence_after_a_node_is_killed() {
+    run(async {
+        let test = "killed";
+        let redis = Redis::start(test).await;
+        let ttl = ["--redis-node-ttl-ms", "1500"];
+        let mut a = Node::start(test, "a", &redis, &ttl).await;
+        let mut b = Node::start(test, "b", &redis, &ttl).await;
+
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("hall").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("hall").await;
+        let mut bea = Client::connect(&b, "bea").await;
+        bea.join("hall").await;
+        let mut ada = Client::connect(&a, "ada").await;
+        ada.join("hall").await;
+        for _ in 0..3 {
+            ann.next_presence("hall").await; // bob, bea, ada
+        }
+        assert_eq!(
+            ann.presence_list("hall").await,
+            users(&["ada", "ann", "bea", "bob"])
+        );
+
+        b.kill();
+        let mut left = BTreeSet::new();
+        let mut count = None;
+        while left.len() < 2 {
+            let event = ann.next_presence("hall").await;
+            assert_eq!(event["action"], "leave", "{event}");
+            left.insert(event["user"].as_str().expect("user").to_owned());
+            count = event["count"].as_u64();
+        }
+        assert_eq!(left, users(&["bea", "bob"]).into_iter().collect());
+        assert_eq!(count, Some(2), "the count after both leaves");
+        let event = ada.next_presence("hall").await;
+        assert_eq!(event["action"], "leave", "{event}");
+        assert_eq!(ann.presence_list("hall").await, users(&["ada", "ann"]));
+
+        // The survivor works on: messages, and a direct to the dead node's
+        // user finds nobody.
+        api_publish(&a, "hall", json!({"after": "kill"})).await;
+        for client in [&mut ann, &mut ada] {
+            let message = client.next_message().await;
+            assert_eq!(message["data"]["after"], "kill");
+        }
+        let answer = ann
+            .request(json!({"type": "direct", "id": "d", "to": {"user": "bob"}, "data": 1}))
+            .await;
+        assert_eq!(answer["code"], "unknown_target", "{answer}");
+        a.assert_running();
+    });
+}
+
+/// Redis is killed mid-run, then restarted empty on the same port: while it
+/// is away publishes fail with `unavailable` (WebSocket and HTTP 503),
+/// sessions stay connected and answer pings, nodes keep running; once it is
+/// back publishes work again, and the lost history shows as a new epoch.
+#[test]
+fn redis_outage_and_restart() {
+    run(async {
+        let test = "outage";
+        let mut redis = Redis::start(test).await;
+        let mut a = Node::start(test, "a", &redis, &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        for i in 1..=3 {
+            api_publish(&a, "room", json!({"i": i})).await;
+        }
+        let mut epoch = String::new();
+        for client in [&mut ann, &mut bob] {
+            for i in 1..=3u64 {
+                let message = client.next_message().await;
+                assert_eq!(seq(&message), i, "{}", client.user);
+                epoch = message["epoch"].as_str().expect("epoch").to_owned();
+            }
+        }
+
+        redis.stop();
+
+        for (n, client) in [&mut ann, &mut bob].into_iter().enumerate() {
+            let id = format!("down{n}");
+            let answer = client
+                .request(json!({"type": "publish", "room": "room", "id": id, "data": "lost"}))
+                .await;
+            assert_eq!(answer["type"], "error", "{}: {answer}", client.user);
+            assert_eq!(answer["code"], "unavailable", "{}: {answer}", client.user);
+            assert_eq!(answer["room"], "room", "{answer}");
+            client.assert_answers_ping(&format!("alive{n}")).await;
+        }
+        for node in [&a, &b] {
+            let (status, answer) = http_post(
+                node.port,
+                "/api/publish",
+                &json!({"room": "room", "data": "lost"}),
+            )
+            .await;
+            assert_eq!(status, 503, "node {}: {answer}", node.name);
+            assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+        }
+        // A new session is still welcome; its join cannot be served.
+        let mut late = Client::connect(&b, "late").await;
+        let answer = late
+            .request(json!({"type": "join", "room": "room", "id": "j"}))
+            .await;
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        late.assert_answers_ping("late-alive").await;
+        a.assert_running();
+        b.assert_running();
+
+        redis.restart().await;
+
+        // Publishes work again once the nodes reconnect: retry until one is
+        // accepted, then until both members hear one.
+        within("a publish to be accepted again", async {
+            loop {
+                let (status, _) = http_post(
+                    a.port,
+                    "/api/publish",
+                    &json!({"room": "room", "data": {"probe": true}}),
+                )
+                .await;
+                if status == 200 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        for client in [&mut ann, &mut bob] {
+            let what = format!("{} to hear from the new Redis", client.user);
+            within(&what, async {
+                loop {
+                    api_publish(&a, "room", json!({"probe": true})).await;
+                    // A probe published before this member's node subscribed
+                    // again is not heard: publish another one.
+                    let heard =
+                        tokio::time::timeout(Duration::from_millis(300), client.next_message())
+                            .await;
+                    if let Ok(message) = heard {
+                        assert_ne!(
+                            message["epoch"],
+                            epoch.as_str(),
+                            "{}: the old epoch after the restart: {message}",
+                            client.user
+                        );
+                        return;
+                    }
+                }
+            })
+            .await;
+        }
+        // From here on, every message reaches both, once, in order.
+        let answer = ann
+            .request(json!({"type": "publish", "room": "room", "id": "up", "data": {"by": "ann"}}))
+            .await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+        api_publish(&b, "room", json!({"fence": true})).await;
+        let mut tails = Vec::new();
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence("room").await;
+            let tail: Vec<Value> = messages
+                .iter()
+                .skip_while(|m| m["data"]["by"] != "ann")
+                .cloned()
+                .collect();
+            assert_eq!(tail.len(), 2, "{}: {messages:?}", client.user);
+            assert_consecutive(&client.user, &tail, seq(&tail[0]));
+            assert_ne!(tail[0]["epoch"], epoch.as_str());
+            client.assert_no_more_messages().await;
+            tails.push(tail);
+        }
+        assert_eq!(tails[0], tails[1], "both members saw the same messages");
+
+        // The session opened while Redis was away is reachable again.
+        let answer = ann
+            .request(
+                json!({"type": "direct", "id": "to-late", "to": {"user": "late"}, "data": "hi"}),
+            )
+            .await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+        let direct = late.wait_for("a direct", |f| f["type"] == "direct").await;
+        assert_eq!(direct["data"], "hi");
+
+        // The restarted Redis lost the room's history: the old position
+        // cannot be resumed.
+        let mut back = Client::connect(&b, "back").await;
+        let (replay, joined) = back.join_since("room", Some((3, &epoch))).await;
+        assert!(replay.is_empty(), "{replay:?}");
+        assert_eq!(joined["recovered"], false, "{joined}");
+        assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+        assert_eq!(joined["epoch"], tails[0][0]["epoch"], "{joined}");
+        a.assert_running();
+        b.assert_running();
+    });
+}
+
+/// Fifty rooms at once, three members each spread over three nodes: each
+/// member gets its own room's messages, all of them, in order, and nothing
+/// else.
+#[test]
+fn many_rooms_at_once() {
+    run(async {
+        let test = "rooms";
+        let redis = Redis::start(test).await;
+        let mut nodes = Vec::new();
+        for name in ["a", "b", "c"] {
+            nodes.push(Node::start(test, name, &redis, &[]).await);
+        }
+        const ROOMS: usize = 50;
+        const MEMBERS: usize = 3;
+        const FROM_CLIENT: u64 = 3;
+        const FROM_API: u64 = 2;
+        let mut members: Vec<(usize, Client)> = Vec::new();
+        for room in 0..ROOMS {
+            for m in 0..MEMBERS {
+                let node = &nodes[(room + m) % nodes.len()];
+                let mut client = Client::connect(node, &format!("r{room}m{m}")).await;
+                client.join(&format!("room{room}")).await;
+                members.push((room, client));
+            }
+        }
+        // The first member of each room publishes, and each room gets API
+        // publishes through a node that may have none of its members.
+        for (room, client) in members.iter_mut().step_by(MEMBERS) {
+            for i in 0..FROM_CLIENT {
+                let data = json!({"room": *room, "i": i});
+                client
+                    .publish(&format!("room{room}"), &format!("p{i}"), data)
+                    .await;
+            }
+        }
+        for room in 0..ROOMS {
+            for i in FROM_CLIENT..FROM_CLIENT + FROM_API {
+                let node = &nodes[(room + i as usize) % nodes.len()];
+                api_publish(node, &format!("room{room}"), json!({"room": room, "i": i})).await;
+            }
+        }
+        for (_, client) in members.iter_mut().step_by(MEMBERS) {
+            for i in 0..FROM_CLIENT {
+                let answer = client.answer(&format!("p{i}")).await;
+                assert_eq!(answer["type"], "ack", "{answer}");
+            }
+        }
+        for room in 0..ROOMS {
+            api_publish(
+                &nodes[room % 3],
+                &format!("room{room}"),
+                json!({"fence": true}),
+            )
+            .await;
+        }
+        // What the first member of each room saw: the others must see the same.
+        let mut seen: Vec<Option<Vec<Value>>> = vec![None; ROOMS];
+        for (room, client) in &mut members {
+            let messages = client.messages_until_fence(&format!("room{room}")).await;
+            assert_eq!(
+                messages.len() as u64,
+                FROM_CLIENT + FROM_API + 1,
+                "{}: {messages:?}",
+                client.user
+            );
+            assert_consecutive(&client.user, &messages, 1);
+            let data: Vec<(u64, u64)> = messages[..messages.len() - 1]
+                .iter()
+                .map(|m| {
+                    (
+                        m["data"]["room"].as_u64().expect("room"),
+                        m["data"]["i"].as_u64().expect("i"),
+                    )
+                })
+                .collect();
+            let mine = *room as u64;
+            // The client's and the API's publishes interleave as they may,
+            // but all arrive, each source's in its own order.
+            let mut sorted = data.clone();
+            sorted.sort_unstable();
+            let expected: Vec<(u64, u64)> =
+                (0..FROM_CLIENT + FROM_API).map(|i| (mine, i)).collect();
+            assert_eq!(sorted, expected, "{}: {data:?}", client.user);
+            let from_client: Vec<u64> = data
+                .iter()
+                .map(|d| d.1)
+                .filter(|i| *i < FROM_CLIENT)
+                .collect();
+            let from_api: Vec<u64> = data
+                .iter()
+                .map(|d| d.1)
+                .filter(|i| *i >= FROM_CLIENT)
+                .collect();
+            assert!(
+                from_client.is_sorted() && from_api.is_sorted(),
+                "{}: {data:?}",
+                client.user
+            );
+            client.assert_no_more_messages().await;
+            match &seen[*room] {
+                None => seen[*room] = Some(messages),
+                Some(first) => assert_eq!(
+                    first, &messages,
+                    "{}: not what its room's first member saw",
+                    client.user
+                ),
+            }
+        }
+        for node in &mut nodes {
+            node.assert_running();
+        }
+    });
+}
+
+/// Members keep getting every message, once and in order, while others join
+/// the room on every node (with and without `since`) as messages flow; each
+/// joiner gets, after its replay and `joined`, exactly the messages after
+/// `joined.seq`.
+#[test]
+fn joins_while_messages_flow() {
+    run(async {
+        let test = "flow";
+        let redis = Redis::start(test).await;
+        // History for the whole stream: a slow machine may let the publisher
+        // run far ahead between two joins, and `since` must still resume.
+        let history = ["--history", "1000"];
+        let mut nodes = Vec::new();
+        for name in ["a", "b", "c"] {
+            nodes.push(Node::start(test, name, &redis, &history).await);
+        }
+        let mut steady = Vec::new();
+        for node in &nodes[..2] {
+            let mut client = Client::connect(node, &format!("steady-{}", node.name)).await;
+            client.join("stream").await;
+            steady.push(client);
+        }
+        let mut publisher = Client::connect(&nodes[0], "publisher").await;
+        publisher.join("stream").await;
+
+        const MESSAGES: u64 = 400;
+        let stream = tokio::spawn(async move {
+            for i in 0..MESSAGES {
+                let frame = json!({"type": "publish", "room": "stream", "echo": false,
+                                   "id": format!("p{i}"), "data": {"i": i}});
+                publisher.send(frame).await;
+                if i % 8 == 7 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            // A session's frames are applied in order: the last ack means
+            // every publish was sequenced.
+            let last = publisher.answer(&format!("p{}", MESSAGES - 1)).await;
+            assert_eq!(last["type"], "ack", "{last}");
+            publisher
+        });
+
+        // Joiners arrive while the stream runs, on every node in turn (node
+        // c has no member at first: its first join subscribes the room).
+        let mut joiners: Vec<(Client, Vec<Value>, Value, Option<u64>)> = Vec::new();
+        let mut epoch: Option<String> = None;
+        let mut previous_seq = 0;
+        for k in 0..24usize {
+            let node = &nodes[[2, 1, 0][k % 3]];
+            let mut client = Client::connect(node, &format!("joiner{k}")).await;
+            // Every other joiner resumes from where the previous one joined.
+            let since = match (&epoch, k % 2) {
+                (Some(epoch), 1) => Some((previous_seq, epoch.clone())),
+                _ => None,
+            };
+            let (replay, joined) = client
+                .join_since("stream", since.as_ref().map(|(s, e)| (*s, e.as_str())))
+                .await;
+            epoch.get_or_insert_with(|| joined["epoch"].as_str().expect("epoch").to_owned());
+            previous_seq = joined["seq"].as_u64().expect("joined.seq");
+            joiners.push((client, replay, joined, since.map(|(s, _)| s)));
+        }
+        let publisher = within("the publisher", stream)
+            .await
+            .expect("publisher task");
+        drop(publisher);
+        api_publish(&nodes[1], "stream", json!({"fence": true})).await;
+        let total = MESSAGES + 1;
+
+        for client in &mut steady {
+            let messages = client.messages_until_fence("stream").await;
+            assert_consecutive(&client.user, &messages, 1);
+            assert_eq!(messages.len() as u64, total, "{}", client.user);
+            client.assert_no_more_messages().await;
+        }
+        for (client, replay, joined, since) in &mut joiners {
+            let at = joined["seq"].as_u64().expect("joined.seq");
+            if let Some(since) = *since {
+                assert_eq!(joined["recovered"], true, "{}: {joined}", client.user);
+                assert_consecutive(&client.user, replay, since + 1);
+                assert_eq!(
+                    since + replay.len() as u64,
+                    at,
+                    "{}: replay up to joined.seq",
+                    client.user
+                );
+            } else {
+                assert!(replay.is_empty());
+            }
+            let messages = client.messages_until_fence("stream").await;
+            assert_consecutive(&client.user, &messages, at + 1);
+            assert_eq!(at + messages.len() as u64, total, "{}", client.user);
+            client.assert_no_more_messages().await;
+        }
+        for node in &mut nodes {
+            node.assert_running();
+        }
+    });
+}
