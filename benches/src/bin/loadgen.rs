@@ -4,6 +4,7 @@
 //! ```text
 //! loadgen fanout --url ws://127.0.0.1:8787/ws --subscribers 1000 --messages 2000 --bytes 100 --window 50 --server-pid PID
 //! loadgen fanout ... --rate 20            # fixed rate instead of a window: latency runs
+//! loadgen fanout --url ws://127.0.0.1:8787/ws --url ws://127.0.0.1:8788/ws ...  # several nodes
 //! loadgen idle --url ws://127.0.0.1:8787/ws --connections 19000 --server-pid PID
 //! ```
 //!
@@ -14,7 +15,8 @@
 //! complete delivery (`--window`), or sends at a fixed rate (`--rate`).
 //! Reports deliveries per second, p50/p99/max latency, loss, reordering and,
 //! given the server's pid, the server's CPU time per delivery (from
-//! /proc/PID/stat).
+//! /proc/PID/stat). With several `--url`s (nodes of one cluster), subscribers
+//! are spread over them round-robin and the publisher uses the first.
 //!
 //! Idle: N connections held open, spread over source addresses 127.0.0.1 to
 //! 127.0.0.K so the ephemeral port range of one address is never the limit;
@@ -57,9 +59,14 @@ enum Scenario {
 
 #[derive(Debug, Parser)]
 struct FanoutArgs {
-    /// WebSocket URL of the server.
-    #[arg(long, default_value = "ws://127.0.0.1:8787/ws")]
-    url: String,
+    /// WebSocket URL of the server; repeat it for the nodes of a cluster
+    /// (subscribers round-robin over them, the publisher on the first).
+    #[arg(
+        long = "url",
+        value_name = "URL",
+        default_value = "ws://127.0.0.1:8787/ws"
+    )]
+    urls: Vec<String>,
     /// Subscribers in the room.
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
@@ -198,14 +205,15 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
     let join = format!(r#"{{"type":"join","room":"{}"}}"#, args.room);
     println!(
         "connecting {} subscribers to {}",
-        args.subscribers, args.url
+        args.subscribers,
+        args.urls.join(", ")
     );
     let mut subscribers = Vec::with_capacity(args.subscribers);
     // Connect in small concurrent batches: fast, without flooding the accept queue.
     for chunk in (0..args.subscribers).collect::<Vec<_>>().chunks(200) {
         let mut pending = Vec::new();
         for &i in chunk {
-            let url = args.url.clone();
+            let url = args.urls[i % args.urls.len()].clone();
             let join = join.clone();
             let source = source_addr(i, args.source_addrs);
             pending.push(tokio::spawn(async move {
@@ -282,7 +290,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
         }));
     }
 
-    let mut publisher = connect(&args.url, source_addr(0, 1), "publisher").await?;
+    let mut publisher = connect(&args.urls[0], source_addr(0, 1), "publisher").await?;
     wait_for(&mut publisher, "welcome").await?;
     publisher.send(Message::text(join.clone())).await?;
     wait_for(&mut publisher, "joined").await?;
