@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use bytes::Bytes;
 use switchboard_core::{CloseReason, FrameKind};
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// One encoded server frame, shared by all its recipients: queueing it for a
 /// member costs one reference count.
@@ -51,7 +50,8 @@ impl OutFrame {
 pub struct Outbox {
     state: Mutex<State>,
     ready: Notify,
-    ended: CancellationToken,
+    /// Woken when the session ends (inline: no allocation per session).
+    ended: Notify,
     max_bytes: usize,
 }
 
@@ -78,7 +78,7 @@ impl Outbox {
         Self {
             state: Mutex::new(State::default()),
             ready: Notify::new(),
-            ended: CancellationToken::new(),
+            ended: Notify::new(),
             max_bytes,
         }
     }
@@ -124,19 +124,25 @@ impl Outbox {
         }
         drop(state);
         self.ready.notify_one();
-        self.ended.cancel();
+        self.ended.notify_waiters();
     }
 
     /// Completes once the session is over (closed by the core). Transports
     /// that hold sessions between requests (long-poll) free them on it.
     pub async fn ended(&self) {
-        self.ended.cancelled().await;
+        loop {
+            let notified = self.ended.notified();
+            if self.is_ended() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Whether the session is over.
     #[must_use]
     pub fn is_ended(&self) -> bool {
-        self.ended.is_cancelled()
+        self.lock().closed.is_some()
     }
 
     /// Bytes queued now.

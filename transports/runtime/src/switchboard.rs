@@ -354,7 +354,9 @@ impl Shared {
             tracing::debug!(?sid, error = %e, "client frame refused");
         }
         if let (false, Some(broker)) = (work.is_empty(), &self.broker) {
-            cluster::execute(self, broker, work).await;
+            // Boxed: the broker's futures are large, and every connection
+            // task would otherwise carry their space even in one-node mode.
+            Box::pin(cluster::execute(self, broker, work)).await;
         }
     }
 }

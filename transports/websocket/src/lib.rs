@@ -40,7 +40,7 @@ use tokio_tungstenite::WebSocketStream;
 /// Bytes tungstenite reads at once. Client frames are small; larger ones grow
 /// the buffer on demand up to `max_frame_bytes`. 128 KiB (the default) per
 /// idle connection is what this avoids.
-pub const READ_BUFFER_BYTES: usize = 1024;
+pub const READ_BUFFER_BYTES: usize = 512;
 
 /// The accept backlog of [`bind`]: the default 128 overflows when hundreds of
 /// clients reconnect at once after a restart.
@@ -179,7 +179,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut batch: Vec<Arc<OutFrame>> = Vec::new();
-    let mut buffer = Vec::new();
     let write_timeout = session.write_timeout();
     loop {
         let drained = tokio::select! {
@@ -231,17 +230,14 @@ where
             }
             closed => closed,
         };
-        let written = tokio::time::timeout(
-            write_timeout,
-            write_batch(session, ws, &mut batch, &mut buffer),
-        )
-        .await;
+        let written =
+            tokio::time::timeout(write_timeout, write_batch(session, ws, &mut batch)).await;
         if !matches!(written, Ok(Ok(()))) {
             return; // dead or stalled socket: dropping the session frees it
         }
         if let Drained::Closed(reason) = drained {
             let frame = close_frame(reason.code(), reason.as_str());
-            close_and_linger(ws, frame, write_timeout).await;
+            Box::pin(close_and_linger(ws, frame, write_timeout)).await;
             return;
         }
     }
@@ -301,33 +297,31 @@ async fn close_and_linger<S>(
 /// ([`OutFrame::wire`]) and the batch is copied into one buffer and written to
 /// the socket directly. tungstenite's own buffer is flushed first, so a pong
 /// it queued goes out before, never inside, our frames; frames are always
-/// whole, so its protocol state is untouched.
+/// whole, so its protocol state is untouched. The buffer lives only as long
+/// as the write: an idle connection holds no write memory.
 async fn write_batch<S>(
     session: &Session,
     ws: &mut WebSocketStream<S>,
     batch: &mut Vec<Arc<OutFrame>>,
-    buffer: &mut Vec<u8>,
 ) -> Result<(), tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    buffer.clear();
-    for frame in batch.drain(..) {
-        buffer.extend_from_slice(frame.wire(encode_text_frame));
+    let wire: Vec<&Bytes> = batch
+        .iter()
+        .map(|frame| frame.wire(encode_text_frame))
+        .collect();
+    let mut buffer = Vec::with_capacity(wire.iter().map(|w| w.len()).sum());
+    for frame in wire {
+        buffer.extend_from_slice(frame);
     }
+    batch.clear();
     ws.flush().await?;
-    ws.get_mut().write_all(buffer).await?;
+    ws.get_mut().write_all(&buffer).await?;
     ws.get_mut().flush().await?;
     session.count_written(buffer.len());
-    if buffer.capacity() > WRITE_BUFFER_KEEP {
-        // A burst grew it; idle connections should not keep the memory.
-        *buffer = Vec::new();
-    }
     Ok(())
 }
-
-/// Bytes of write buffer a connection keeps between batches.
-const WRITE_BUFFER_KEEP: usize = 16 * 1024;
 
 /// One unfragmented, unmasked text frame (RFC 6455 §5.2) carrying `payload`.
 fn encode_text_frame(payload: &[u8]) -> Bytes {
