@@ -18,10 +18,15 @@
 // not met by a synchronized storm. After every reconnect it rejoins its rooms
 // with `since`, so nothing is lost (or, when the server cannot replay, the
 // room's `onReset` tells the page to reload its state), and it drops
-// duplicates by `seq`. It reconnects when it hears nothing for the server's
-// heartbeat window.
+// duplicates by `seq`. After the server's `interval_ms` of silence it pings;
+// after `interval_ms + timeout_ms` it reconnects. A join the server refuses
+// (`forbidden`, `invalid_room`, ...) reaches the room's `onError` and the room
+// is dropped, not rejoined on every reconnect.
 
 const TRANSPORTS = ["websocket", "sse", "longpoll"];
+// Error codes of requests that fail for want of a connection, or for now: a
+// join that failed this way is sent again on reconnect, silently.
+const TRANSIENT = new Set(["connection_lost", "not_connected", "closed", "rate_limited", "unavailable"]);
 
 /** A connection to a Switchboard server. */
 export class Switchboard {
@@ -59,8 +64,14 @@ export class Switchboard {
     this.attempt = 0; // failed connection cycles in a row
     this.conn = null;
     this.timers = new Set();
+    this.heartbeatIntervalMs = 25000;
     this.heartbeatWindowMs = 45000;
     this.lastHeard = 0;
+    this.lastSent = 0;
+    // One of each at a time (several piled up across reconnects before).
+    this.heartbeatTimer = null;
+    this.reconnectTimer = null;
+    this.upgradeTimer = null;
     if (options.autoConnect !== false) this.connect();
   }
 
@@ -141,6 +152,7 @@ export class Switchboard {
   send(frame) {
     if (!this.conn || this.state !== "connected") return false;
     this.conn.send(JSON.stringify(frame));
+    this.lastSent = Date.now();
     return true;
   }
 
@@ -148,9 +160,17 @@ export class Switchboard {
     const frame = { type: "join", room: room.name };
     if (room.epoch !== null) frame.since = { seq: room.seq, epoch: room.epoch };
     if (room.options.presence === false) frame.presence = false;
-    room.joining = this.request(frame).catch((e) => {
-      room.emitError(e);
-    });
+    room.joining = this.request(frame).catch((e) => this.joinFailed(room, e));
+  }
+
+  /** A join was refused: a refusal that retrying cannot change drops the room
+   * (rejoining it on every reconnect would only spend the error budget); a
+   * join cut short by a lost connection is simply sent again on reconnect. */
+  joinFailed(room, error) {
+    if (TRANSIENT.has(error.code)) return;
+    if (this.rooms.get(room.name) === room) this.rooms.delete(room.name);
+    room.joined = false;
+    room.emitError(error);
   }
 
   // ---- frames in ---------------------------------------------------------
@@ -189,7 +209,9 @@ export class Switchboard {
         const error = new SwitchboardError(frame.code, frame.message, frame.room);
         if (frame.id !== undefined && this.pending.has(frame.id)) return this.settle(frame.id, false, error);
         const room = frame.room && this.rooms.get(frame.room);
-        if (room) room.emitError(error);
+        // A refused join without an id: a room SSE joined from its URL.
+        if (room && !room.joined) this.joinFailed(room, error);
+        else if (room) room.emitError(error);
         return this.emit("error", error);
       }
       case "ping":
@@ -222,17 +244,25 @@ export class Switchboard {
     this.sid = frame.sid;
     this.user = frame.user;
     const hb = frame.heartbeat || {};
-    this.heartbeatWindowMs = (hb.interval_ms || 25000) + (hb.timeout_ms || 20000);
+    this.heartbeatIntervalMs = hb.interval_ms || 25000;
+    this.heartbeatWindowMs = this.heartbeatIntervalMs + (hb.timeout_ms || 20000);
     this.lastHeard = Date.now();
     this.attempt = 0;
     this.setState("connected");
     this.emit("welcome", frame);
+    for (const room of this.rooms.values()) room.joined = false; // until its `joined` comes
     // SSE joined its rooms in the URL; the others join now, with `since`.
-    for (const room of this.rooms.values()) {
+    for (const room of [...this.rooms.values()]) {
       if (!(this.transport === "sse" && this.conn.joinedRooms.has(room.name))) this.sendJoin(room);
     }
     this.watchHeartbeat();
-    if (this.level > 0) this.later(() => this.tryUpgrade(), this.upgradeAfterMs);
+    this.clearTimer(this.upgradeTimer);
+    if (this.level > 0) this.upgradeTimer = this.later(() => this.tryUpgrade(), this.upgradeAfterMs);
+  }
+
+  /** Called by transports on any sign of life from the server, frames or not. */
+  heard() {
+    this.lastHeard = Date.now();
   }
 
   // ---- connection lifecycle ------------------------------------------------
@@ -240,6 +270,7 @@ export class Switchboard {
   tryLevel(level) {
     if (this.stopped) return;
     if (level >= this.transports.length) return this.scheduleReconnect();
+    this.dropConnection(); // never two at once: the older one would linger as a ghost session
     const name = this.transports[level];
     this.transport = name;
     this.closeFrame = null;
@@ -267,7 +298,7 @@ export class Switchboard {
       this.conn = null;
       this.clearTimer(giveUp);
       const close = this.closeFrame;
-      if (info.fatal || (close && close.code === 1008)) {
+      if (info.fatal || (close && close.code === 1008) || info.code === 1008) {
         // Refused (authentication, origin, policy): retrying cannot help.
         this.failPending("closed");
         this.stopped = true;
@@ -288,26 +319,27 @@ export class Switchboard {
     const cap = Math.min(this.backoffMaxMs, this.backoffBaseMs * 2 ** this.attempt);
     const delay = Math.random() * cap;
     this.attempt = Math.min(this.attempt + 1, 16);
-    this.later(() => this.tryLevel(this.level), delay);
+    this.clearTimer(this.reconnectTimer);
+    this.reconnectTimer = this.later(() => this.tryLevel(this.level), delay);
+  }
+
+  /** Closes the current transport without reporting it (its callbacks are cut). */
+  dropConnection() {
+    const conn = this.conn;
+    this.conn = null;
+    if (conn) conn.close();
   }
 
   /** Reopens the current transport at once (push-only SSE joining a new room). */
   reconnectSoon() {
     if (!this.conn) return;
-    const conn = this.conn;
-    this.conn = null;
-    conn.close();
     this.tryLevel(this.level);
   }
 
   /** Reconnects now (drops the current transport), keeping rooms and positions. */
   reconnect() {
     if (this.stopped) return;
-    if (this.conn) {
-      const conn = this.conn;
-      this.conn = null;
-      conn.close();
-    }
+    this.dropConnection();
     this.failPending("connection_lost");
     this.scheduleReconnect();
   }
@@ -316,27 +348,33 @@ export class Switchboard {
     if (this.stopped || this.state !== "connected" || this.level === 0) return;
     // Planned move up: drop the fallback and start again from the top;
     // rejoining with `since` makes the switch lossless.
-    const conn = this.conn;
-    this.conn = null;
-    if (conn) conn.close();
+    this.dropConnection();
+    this.failPending("connection_lost"); // their answers went with the old session
     this.setState("reconnecting");
     this.level = 0;
     this.tryLevel(0);
   }
 
+  /** One watcher per client: pings after `interval_ms` of silence (the server
+   * answers `pong`), reconnects after `interval_ms + timeout_ms`. */
   watchHeartbeat() {
+    this.clearTimer(this.heartbeatTimer);
+    const every = Math.max(250, Math.min(this.heartbeatIntervalMs, this.heartbeatWindowMs) / 4);
     const check = () => {
-      if (this.state !== "connected") return;
-      const silent = Date.now() - this.lastHeard;
-      if (this.conn && this.conn.canSense === false) {
+      this.heartbeatTimer = null;
+      if (this.state !== "connected" || !this.conn) return;
+      const now = Date.now();
+      const silent = now - this.lastHeard;
+      if (this.conn.canSense === false) {
         // Push-only SSE: keepalives are comments the page cannot see.
       } else if (silent > this.heartbeatWindowMs) {
         return this.reconnect();
+      } else if (silent >= this.heartbeatIntervalMs && now - this.lastSent >= this.heartbeatIntervalMs / 2) {
+        this.send({ type: "ping" });
       }
-      if (this.conn && this.conn.probe) this.conn.probe();
-      this.later(check, Math.max(1000, this.heartbeatWindowMs / 4));
+      this.heartbeatTimer = this.later(check, every);
     };
-    this.later(check, Math.max(1000, this.heartbeatWindowMs / 4));
+    this.heartbeatTimer = this.later(check, every);
   }
 
   later(fn, ms) {
@@ -349,6 +387,7 @@ export class Switchboard {
   }
 
   clearTimer(timer) {
+    if (timer === null || timer === undefined) return;
     clearTimeout(timer);
     this.timers.delete(timer);
   }
@@ -533,7 +572,11 @@ class SseTransport {
       });
     }
     // Our own reconnect (with fallback and backoff) replaces EventSource's.
-    this.es.onerror = () => {
+    // A server `error` frame is an SSE event named "error" too, which
+    // EventSource also hands to `onerror`: only a plain Event is the stream
+    // failing (a refused join must not tear the connection down).
+    this.es.onerror = (event) => {
+      if (event instanceof MessageEvent) return;
       this.close();
       this.onclose({});
     };
@@ -564,11 +607,6 @@ class SseTransport {
       .catch(() => {});
   }
 
-  /** Pings over `send` so silence can be told from a dead stream. */
-  probe() {
-    if (this.canSense) this.send(JSON.stringify({ type: "ping" }));
-  }
-
   close() {
     if (this.es) {
       this.es.onerror = null;
@@ -594,6 +632,9 @@ class LongPollTransport {
       if (!response.ok) return this.onclose({});
       const frames = await response.json();
       this.sid = frames.length && frames[0].sid;
+      // `[welcome]` is the first answer: the first poll acknowledges it (with
+      // ack=0 the server sent the welcome again, and the client rejoined).
+      this.ack = frames.length;
       this.deliver(frames);
       this.loop();
     } catch {
@@ -624,6 +665,7 @@ class LongPollTransport {
         const frames = await response.json();
         this.ack = frames.length;
         failures = 0;
+        this.client.heard(); // an empty answer after the poll timeout is a sign of life too
         this.deliver(frames);
         if (frames.some((f) => f.type === "close")) {
           this.closed = true;
@@ -632,6 +674,7 @@ class LongPollTransport {
       } catch {
         if (this.closed) return;
         if (++failures >= 3) return this.onclose({});
+        await new Promise((resolve) => setTimeout(resolve, 250 * failures)); // not a tight loop
       }
     }
   }
