@@ -34,13 +34,14 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
+use switchboard_benches::clients::{Subscriber, Transport};
 use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{client_async_with_config, MaybeTlsStream, WebSocketStream};
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use switchboard_benches::clients::BoxError;
 
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", about = "Switchboard load generator")]
@@ -91,6 +92,10 @@ struct FanoutArgs {
     /// Room name.
     #[arg(long, default_value = "bench")]
     room: String,
+    /// The subscribers' transport: ws, sse or longpoll (the publisher uses
+    /// WebSocket).
+    #[arg(long, default_value = "ws")]
+    transport: Transport,
 }
 
 #[derive(Debug, Parser)]
@@ -128,6 +133,18 @@ fn client_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0)
+}
+
+/// The server's socket address in a `ws://host:port/...` URL.
+async fn server_addr(url: &str) -> Result<SocketAddr, BoxError> {
+    let uri: http::Uri = url.parse()?;
+    let host = uri.host().ok_or("url has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or("cannot resolve host")?;
+    Ok(addr)
 }
 
 async fn connect(url: &str, source: IpAddr, user: &str) -> Result<Ws, BoxError> {
@@ -214,14 +231,11 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
         let mut pending = Vec::new();
         for &i in chunk {
             let url = args.urls[i % args.urls.len()].clone();
-            let join = join.clone();
             let source = source_addr(i, args.source_addrs);
+            let (transport, room) = (args.transport, args.room.clone());
             pending.push(tokio::spawn(async move {
-                let mut ws = connect(&url, source, &format!("sub{i}")).await?;
-                wait_for(&mut ws, "welcome").await?;
-                ws.send(Message::text(join)).await?;
-                wait_for(&mut ws, "joined").await?;
-                Ok::<_, BoxError>(ws)
+                let target = server_addr(&url).await?;
+                Subscriber::connect(transport, target, source, &format!("sub{i}"), &room).await
             }));
         }
         for task in pending {
@@ -241,7 +255,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
     let expected = args.messages;
     let run_start = Instant::now();
     let mut receivers = Vec::new();
-    for mut ws in subscribers {
+    for mut subscriber in subscribers {
         let tally = Arc::clone(&tally);
         let histogram = Arc::clone(&histogram);
         receivers.push(tokio::spawn(async move {
@@ -250,11 +264,8 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
             let mut last_seq = 0u64;
             let mut got = 0u64;
             while got < expected {
-                let Some(Ok(message)) = ws.next().await else {
+                let Some(text) = subscriber.next_frame().await else {
                     break;
-                };
-                let Message::Text(text) = message else {
-                    continue;
                 };
                 let Ok(frame) = serde_json::from_str::<Frame<'_>>(&text) else {
                     continue;
@@ -276,9 +287,6 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
                         got += 1;
                         tally.received.fetch_add(1, Ordering::Relaxed);
                     }
-                    "ping" => {
-                        let _ = ws.send(Message::text(r#"{"type":"pong"}"#)).await;
-                    }
                     "close" => break,
                     _ => {}
                 }
@@ -286,7 +294,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
             if let Ok(mut shared) = histogram.lock() {
                 let _ = shared.add(&local);
             }
-            ws
+            subscriber
         }));
     }
 
