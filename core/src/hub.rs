@@ -365,6 +365,9 @@ impl Hub {
             return Err(HandleError::UnknownSession);
         };
         self.stats.frames_in += 1;
+        // Every frame takes a token, refused ones included, so a flood of
+        // oversize or malformed frames is rate limited like any other.
+        let within_rate = state.bucket.take(now, &self.config);
         if frame.len() > self.config.max_frame_bytes {
             // Not parsed: scanning an oversize frame for its `id` is the work the limit avoids.
             let error = FrameError::new(
@@ -373,7 +376,6 @@ impl Hub {
             );
             return Err(self.refuse(now, session, error, None, None).into());
         }
-        let within_rate = state.bucket.take(now, &self.config);
         let request = decode_client(frame);
         if !within_rate {
             let id = request.as_ref().map_or_else(|e| e.id, |r| r.id);
@@ -429,7 +431,8 @@ impl Hub {
         match applied {
             Ok(()) => {
                 if let Some(state) = self.sessions.get_mut(session) {
-                    state.last_rx = now;
+                    // `max`: a caller's clock that steps back never moves liveness back.
+                    state.last_rx = state.last_rx.max(now);
                     state.pinged = false;
                 }
                 // A broker-mode answer comes with `reply`/`complete_*`.

@@ -1656,6 +1656,21 @@ fn rate_limited_frames_change_nothing() {
 }
 
 #[test]
+fn oversize_frames_take_rate_tokens_too() {
+    let mut config = Config::default();
+    config.rate_burst = 2;
+    config.rate_per_sec = 1;
+    config.max_frame_bytes = 64;
+    let mut sim = sim_with(config);
+    let alice = connect(&mut sim, "alice");
+    let oversize = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(64));
+    refused(&mut sim, alice, &oversize, "frame_too_large");
+    refused(&mut sim, alice, &oversize, "frame_too_large");
+    // The burst went on the oversize frames: a valid one is now over the rate.
+    refused(&mut sim, alice, r#"{"type":"ping"}"#, "rate_limited");
+}
+
+#[test]
 fn connect_at_max_sessions_is_server_full() {
     let mut config = Config::default();
     config.max_sessions = 2;
