@@ -262,6 +262,7 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
             let mut local =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             let mut last_seq = 0u64;
+            let mut skipped = std::collections::HashSet::new();
             let mut got = 0u64;
             while got < expected {
                 let Some(text) = subscriber.next_frame().await else {
@@ -272,18 +273,25 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
                 };
                 match frame.kind {
                     "message" => {
+                        // Seqs skipped so far: one arriving later is reordered,
+                        // any other seq at or below the last is a duplicate.
+                        if frame.seq <= last_seq {
+                            if skipped.remove(&frame.seq) {
+                                tally.reordered.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                tally.duplicates.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        } else {
+                            if last_seq != 0 {
+                                skipped.extend(last_seq + 1..frame.seq);
+                            }
+                            last_seq = frame.seq;
+                        }
                         if let Some(payload) = frame.data {
                             let now = run_start.elapsed().as_micros() as u64;
                             let _ = local.record(now.saturating_sub(payload.t).max(1));
                         }
-                        if frame.seq == last_seq {
-                            tally.duplicates.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        if last_seq != 0 && frame.seq != last_seq + 1 {
-                            tally.reordered.fetch_add(1, Ordering::Relaxed);
-                        }
-                        last_seq = frame.seq;
                         got += 1;
                         tally.received.fetch_add(1, Ordering::Relaxed);
                     }
