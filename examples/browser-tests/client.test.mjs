@@ -3,8 +3,10 @@
 // (trusting the client's name, heartbeat 1.5 s + 1.5 s, HTTP publish API on).
 // Run by examples/tests/jobs_browser.rs:
 //
-//   CLIENT_URL       the server (its `/` is a blank page to load the client into)
-//   CLIENT_API_KEY   the publish API's bearer key
+//   CLIENT_URL            the server (its `/` is a blank page to load the client into)
+//   CLIENT_BUFFERING_URL  the same server behind a proxy that holds SSE answers' bodies
+//   CLIENT_PUSH_ONLY_URL  a server that takes no client frames over SSE
+//   CLIENT_API_KEY        the publish API's bearer key (of both servers)
 //
 // Each test opens its own tab; playwright's routes stand in for a network
 // that refuses, drops, duplicates or goes silent.
@@ -14,6 +16,8 @@ import assert from "node:assert/strict";
 import { launch, watch, post, eventually } from "./harness.mjs";
 
 const CLIENT_URL = process.env.CLIENT_URL;
+const BUFFERING_URL = process.env.CLIENT_BUFFERING_URL;
+const PUSH_ONLY_URL = process.env.CLIENT_PUSH_ONLY_URL;
 const API_KEY = process.env.CLIENT_API_KEY;
 const WAIT = 10_000;
 
@@ -21,7 +25,10 @@ let browser;
 const errors = [];
 
 before(async () => {
-  assert.ok(CLIENT_URL && API_KEY, "set CLIENT_URL and CLIENT_API_KEY (examples/tests/jobs_browser.rs does)");
+  assert.ok(
+    CLIENT_URL && BUFFERING_URL && PUSH_ONLY_URL && API_KEY,
+    "set CLIENT_URL, CLIENT_BUFFERING_URL, CLIENT_PUSH_ONLY_URL and CLIENT_API_KEY (examples/tests/jobs_browser.rs does)",
+  );
   browser = await launch();
 });
 
@@ -30,10 +37,10 @@ after(async () => {
 });
 
 /** A fresh tab on the blank page, with the client module loaded as `window.sbmod`. */
-async function tab(name) {
+async function tab(name, base = CLIENT_URL) {
   const context = await browser.newContext();
   const page = watch(await context.newPage(), name, errors);
-  await page.goto(CLIENT_URL);
+  await page.goto(base);
   await page.evaluate(async () => {
     window.sbmod = await import("/switchboard.js");
   });
@@ -72,8 +79,25 @@ function joined(page, room) {
   return page.waitForFunction((room) => window.sb.rooms.get(room)?.joined === true, room, { timeout: WAIT });
 }
 
-async function publish(room, data) {
-  return JSON.parse(await post(new URL("api/publish", CLIENT_URL), { room, data }, { authorization: `Bearer ${API_KEY}` }));
+async function publish(room, data, base = CLIENT_URL) {
+  return JSON.parse(await post(new URL("api/publish", base), { room, data }, { authorization: `Bearer ${API_KEY}` }));
+}
+
+/** Runs `room.publish(data, options)` in the page; resolves with how it
+ * settled ({ok} or {code, status}) and how long that took. */
+function publishFromPage(page, room, data, options = {}) {
+  return page.evaluate(
+    async ({ room, data, options }) => {
+      const t0 = Date.now();
+      try {
+        await window.sb.rooms.get(room).publish(data, options);
+        return { ok: true, took: Date.now() - t0 };
+      } catch (e) {
+        return { ok: false, code: e.code, status: e.status, message: e.message, took: Date.now() - t0 };
+      }
+    },
+    { room, data, options },
+  );
 }
 
 function waitForMessages(page, n, timeout = WAIT) {
@@ -84,18 +108,27 @@ function waitForMessages(page, n, timeout = WAIT) {
  * `network.down()` closes the open WebSockets and refuses (or aborts) every
  * new attempt until `network.up()`. */
 async function controlledNetwork(page, { duplicate = false } = {}) {
-  const network = { blocked: false, links: [], attempts: [] };
+  // `fromServer(frame)` may drop (return null) or rewrite a server frame;
+  // `sent` records the client's frames; `mute` drops them.
+  const network = { blocked: false, links: [], attempts: [], sent: [], fromServer: (frame) => frame, mute: false };
   await page.routeWebSocket(/\/ws(\?|$)/, (ws) => {
     network.attempts.push({ transport: "websocket", at: Date.now() });
     if (network.blocked) return ws.close();
     const server = ws.connectToServer();
     const link = { ws, server, frozen: false };
     network.links.push(link);
-    ws.onMessage((m) => link.frozen || server.send(m));
+    ws.onMessage((m) => {
+      if (link.frozen || network.mute) return;
+      network.sent.push(JSON.parse(m));
+      server.send(m);
+    });
     server.onMessage((m) => {
       if (link.frozen) return;
-      ws.send(m);
-      if (duplicate && JSON.parse(m).type === "message") ws.send(m); // the network delivers it twice
+      const frame = network.fromServer(JSON.parse(m));
+      if (!frame) return;
+      const text = JSON.stringify(frame);
+      ws.send(text);
+      if (duplicate && frame.type === "message") ws.send(text); // the network delivers it twice
     });
   });
   await page.route(
@@ -335,6 +368,376 @@ test("SSE: a refused join is reported, keeps the stream, and is not retried", { 
   );
   assert.equal(await page.evaluate(() => window.sb.sid), sid);
   assert.equal(await page.evaluate(() => window.sb.rooms.has("not a room!")), false, "dropped, not rejoined");
+  await page.context().close();
+});
+
+test("after a fallback it goes back up to WebSocket (upgradeAfterMs), losing nothing", { timeout: 40_000 }, async () => {
+  const room = "upgrade";
+  const page = await tab(room);
+  // WebSocket refused at first (SSE and long-poll pass).
+  const network = { blocked: true, attempts: [] };
+  await page.routeWebSocket(/\/ws(\?|$)/, (ws) => {
+    network.attempts.push(Date.now());
+    if (network.blocked) return ws.close();
+    ws.connectToServer();
+  });
+  network.up = () => (network.blocked = false);
+  await start(page, "olga", { upgradeAfterMs: 1500, backoffBaseMs: 200 }, room);
+  await connected(page, "sse");
+  await joined(page, room);
+  await publish(room, { n: 1 });
+  await waitForMessages(page, 1);
+  // The first try to go back up finds WebSocket still refused: back to SSE.
+  await eventually(() => network.attempts.length >= 2, { timeout: WAIT, what: "a second WebSocket attempt" });
+  await connected(page, "sse");
+  await joined(page, room);
+  await publish(room, { n: 2 });
+  await waitForMessages(page, 2);
+  network.up();
+  await page.waitForFunction(() => window.sb.transport === "websocket" && window.sb.state === "connected", null, {
+    timeout: WAIT,
+  });
+  await publish(room, { n: 3 }); // may land while it rejoins: since covers it
+  await joined(page, room);
+  await publish(room, { n: 4 });
+  await waitForMessages(page, 4);
+  const attempts = network.attempts.length;
+  await page.waitForTimeout(2000); // on the best transport it stays put
+  assert.equal(network.attempts.length, attempts, "no upgrade attempts once on WebSocket");
+  assert.equal(await page.evaluate(() => window.sb.transport), "websocket");
+  const { messages, states, resets } = await log(page);
+  assert.deepEqual(messages.map((m) => m.data.n), [1, 2, 3, 4], "every message once, in order, across the switches");
+  assert.deepEqual(resets, []);
+  const connectedOn = states.filter((s) => s.state === "connected").map((s) => s.transport);
+  assert.deepEqual(connectedOn.slice(0, 2), ["sse", "sse"]);
+  assert.equal(connectedOn.at(-1), "websocket");
+  await page.context().close();
+});
+
+test("a proxy that buffers SSE: the stream opens, nothing arrives, it falls back to long-poll", { timeout: 30_000 }, async () => {
+  const room = "buffered";
+  const page = await tab(room, BUFFERING_URL);
+  await page.routeWebSocket(/\/ws(\?|$)/, (ws) => ws.close()); // WebSocket refused too
+  const sse = [];
+  page.on("response", (r) => {
+    if (new URL(r.url()).pathname === "/sse") sse.push({ status: r.status(), type: r.headers()["content-type"] });
+  });
+  const t0 = Date.now();
+  await start(page, "pia", { connectTimeoutMs: 1500 }, room);
+  await connected(page, "longpoll");
+  const took = Date.now() - t0;
+  assert.deepEqual(sse, [{ status: 200, type: "text/event-stream" }], "the SSE answer's head came through the proxy");
+  assert.ok(took >= 1400, `SSE had its connectTimeoutMs (${took} ms)`);
+  const { welcomes, states } = await log(page);
+  assert.equal(welcomes.length, 1, "no welcome ever came over the buffered stream");
+  assert.ok(!states.some((s) => s.state === "connected" && s.transport !== "longpoll"));
+  await joined(page, room);
+  await publish(room, { n: 1 });
+  await waitForMessages(page, 1);
+  const sent = await publishFromPage(page, room, { n: 2 });
+  assert.ok(sent.ok, "and it can publish over long-poll through the proxy");
+  await waitForMessages(page, 2);
+  await page.context().close();
+});
+
+test("a transport that sends welcome and then nothing is given up after maxSilentFailures", { timeout: 40_000 }, async () => {
+  const page = await tab("mute");
+  const attempts = [];
+  await page.routeWebSocket(/\/ws(\?|$)/, (ws) => {
+    attempts.push(Date.now());
+    // A proxy that lets the first frame through and holds the rest.
+    ws.send(JSON.stringify({ type: "welcome", sid: `mute-${attempts.length}`, heartbeat: { interval_ms: 1000, timeout_ms: 1000 } }));
+  });
+  await start(page, "quinn", { backoffBaseMs: 100, backoffMaxMs: 300, maxSilentFailures: 2 }, "mute");
+  await page.waitForFunction(() => window.sb.transport === "sse" && window.sb.state === "connected", null, { timeout: 20_000 });
+  await joined(page, "mute");
+  assert.equal(attempts.length, 2, "two silent WebSocket connections, then the next transport");
+  const { welcomes } = await log(page);
+  assert.deepEqual(welcomes.slice(0, 2), ["mute-1", "mute-2"]);
+  await publish("mute", { n: 1 });
+  await waitForMessages(page, 1);
+  await page.waitForTimeout(3500); // more than SSE's own heartbeat window: a working stream stays
+  assert.equal(await page.evaluate(() => window.sb.transport), "sse");
+  assert.equal(attempts.length, 2, "not back to the silent transport before upgradeAfterMs");
+  assert.equal((await log(page)).welcomes.length, 3);
+  await page.context().close();
+});
+
+test("SSE: a send that fails (network, 5xx, refused) rejects at once with a clear code; the stream stays", { timeout: 30_000 }, async () => {
+  const room = "sse-send";
+  const page = await tab(room);
+  let mode = "pass";
+  await page.route(
+    (url) => url.pathname === "/sse/send",
+    (route) => {
+      if (route.request().postData().includes('"type":"ping"')) return route.continue(); // keep the heartbeat out of it
+      if (mode === "abort") return route.abort("connectionreset");
+      if (mode === "502") return route.fulfill({ status: 502, contentType: "text/html", body: "<h1>Bad Gateway</h1>" });
+      if (mode === "413")
+        return route.fulfill({
+          status: 413,
+          contentType: "application/json",
+          body: JSON.stringify({ error: { code: "frame_too_large", message: "body larger than 262144 bytes" } }),
+        });
+      return route.continue();
+    },
+  );
+  await start(page, "rita", { transports: ["sse"] }, room);
+  await connected(page, "sse");
+  await joined(page, room);
+  const sid = await page.evaluate(() => window.sb.sid);
+  mode = "abort";
+  const lost = await publishFromPage(page, room, { n: 1 });
+  assert.equal(lost.ok, false);
+  assert.equal(lost.code, "send_failed");
+  assert.ok(lost.took < 2000, `rejected at once (${lost.took} ms)`);
+  mode = "502";
+  const bad = await publishFromPage(page, room, { n: 2 });
+  assert.deepEqual([bad.ok, bad.code, bad.status], [false, "send_failed", 502]);
+  mode = "413";
+  const big = await publishFromPage(page, room, { n: 3 });
+  assert.deepEqual([big.ok, big.code, big.status], [false, "frame_too_large", 413]);
+  mode = "pass";
+  const ok = await publishFromPage(page, room, { n: 4 });
+  assert.ok(ok.ok, "then it publishes again");
+  await waitForMessages(page, 1);
+  const { messages, welcomes } = await log(page);
+  assert.deepEqual(messages.map((m) => m.data.n), [4], "only what was accepted arrived");
+  assert.equal(welcomes.length, 1, "the stream stayed");
+  assert.equal(await page.evaluate(() => window.sb.sid), sid);
+  assert.notEqual(await page.evaluate(() => window.sb.conn.canSense), false, "a failed send is not a push-only server");
+  await page.context().close();
+});
+
+test("long-poll: a failed send rejects every request of its batch, and the queue goes on", { timeout: 30_000 }, async () => {
+  const room = "poll-send";
+  const page = await tab(room);
+  let failing = false;
+  await page.route(
+    (url) => url.pathname === "/poll/send",
+    (route) => (failing ? route.abort("connectionreset") : route.continue()),
+  );
+  await start(page, "sam", { transports: ["longpoll"] }, room);
+  await connected(page, "longpoll");
+  await joined(page, room);
+  failing = true;
+  const results = await page.evaluate(async (room) => {
+    const r = window.sb.rooms.get(room);
+    const settle = (p) => p.then(() => "ok", (e) => e.code);
+    return Promise.all([settle(r.publish({ n: 1 })), settle(r.publish({ n: 2 })), settle(r.publish({ n: 3 }))]);
+  }, room);
+  assert.deepEqual(results, ["send_failed", "send_failed", "send_failed"], "none of them hangs");
+  failing = false;
+  const ok = await publishFromPage(page, room, { n: 4 });
+  assert.ok(ok.ok, `the next one goes through (${ok.code})`);
+  await waitForMessages(page, 1);
+  assert.deepEqual((await log(page)).messages.map((m) => m.data.n), [4]);
+  assert.equal((await log(page)).welcomes.length, 1, "same session");
+  await page.context().close();
+});
+
+test("a request with no answer rejects after requestTimeoutMs", { timeout: 30_000 }, async () => {
+  const room = "timeout";
+  const page = await tab(room);
+  // Long-poll: a send that the network holds forever.
+  await page.route(
+    (url) => url.pathname === "/poll/send",
+    () => {},
+  );
+  await start(page, "tom", { transports: ["longpoll"], requestTimeoutMs: 1000 }, room);
+  await connected(page, "longpoll");
+  const t0 = Date.now();
+  const code = await page.evaluate(() => window.sb.direct({ user: "nobody" }, { hi: 1 }).then(() => "ok", (e) => e.code));
+  const took = Date.now() - t0;
+  assert.equal(code, "timeout");
+  assert.ok(took >= 900 && took < 4000, `after about 1 s (${took} ms)`);
+  await page.context().close();
+
+  // WebSocket: the frame leaves, its answer never comes.
+  const ws = await tab(`${room}-ws`);
+  const network = await controlledNetwork(ws);
+  await start(ws, "tom", { transports: ["websocket"], requestTimeoutMs: 1000 }, room);
+  await connected(ws, "websocket");
+  await joined(ws, room);
+  network.mute = true;
+  const r = await publishFromPage(ws, room, { n: 1 });
+  assert.deepEqual([r.ok, r.code], [false, "timeout"]);
+  assert.ok(r.took >= 900 && r.took < 4000, `after about 1 s (${r.took} ms)`);
+  await ws.context().close();
+});
+
+test("SSE: a 403 for a stale sid is not taken for a push-only server: it reconnects", { timeout: 30_000 }, async () => {
+  const room = "stale";
+  const page = await tab(room);
+  let stale = false;
+  const probes = [];
+  await page.route(
+    (url) => url.pathname === "/sse/send",
+    (route) => {
+      const url = new URL(route.request().url());
+      if (!url.searchParams.has("sid")) probes.push(route.request().postData());
+      if (stale && url.searchParams.has("sid")) {
+        stale = false;
+        url.searchParams.set("sid", "AAAAAAAAAAAAAAAAAAAAAA"); // a session the server does not know
+        return route.continue({ url: url.toString() });
+      }
+      return route.continue();
+    },
+  );
+  await start(page, "una", { transports: ["sse"], backoffBaseMs: 200 }, room);
+  await connected(page, "sse");
+  await joined(page, room);
+  const first = await page.evaluate(() => window.sb.sid);
+  stale = true;
+  const r = await publishFromPage(page, room, { n: 1 });
+  assert.deepEqual([r.ok, r.code], [false, "connection_lost"]);
+  assert.equal(probes.length, 1, "it asked once, without a sid, which 403 it was");
+  await page.waitForFunction((first) => window.sb.state === "connected" && window.sb.sid !== first, first, { timeout: WAIT });
+  await joined(page, room);
+  assert.notEqual(await page.evaluate(() => window.sb.conn.canSense), false, "heartbeat detection stays on");
+  const ok = await publishFromPage(page, room, { n: 2 });
+  assert.ok(ok.ok);
+  await waitForMessages(page, 1);
+  // And silence is still noticed on the new stream: it pings, and gets pong.
+  const pongs = await page.evaluate(
+    () =>
+      new Promise((resolve) => {
+        const before = window.sb.connHealthy;
+        setTimeout(() => resolve({ before, after: window.sb.connHealthy }), 2500);
+      }),
+  );
+  assert.equal(pongs.after, true, "a ping after 1.5 s of silence was answered over the stream");
+  await page.context().close();
+});
+
+test("push-only SSE server: rooms ride on the URL (late joins too), no pings, requests refused", { timeout: 30_000 }, async () => {
+  const page = await tab("push-only", PUSH_ONLY_URL);
+  await start(page, "vera", { transports: ["sse"] }, "po-a");
+  await connected(page, "sse");
+  await joined(page, "po-a");
+  // Its first ping is refused: from then on it listens only.
+  await page.waitForFunction(() => window.sb.conn && window.sb.conn.canSense === false, null, { timeout: WAIT });
+  await page.evaluate(() => {
+    window.sb.join("po-b", (data, frame) => window.log.messages.push({ seq: frame.seq, room: "po-b", data }), {
+      onError: (e) => window.log.errors.push(e.code),
+    });
+  });
+  await joined(page, "po-b");
+  await joined(page, "po-a");
+  await publish("po-a", { n: 1 }, PUSH_ONLY_URL);
+  await publish("po-b", { n: 2 }, PUSH_ONLY_URL);
+  await waitForMessages(page, 2);
+  const refused = await publishFromPage(page, "po-a", { n: 3 });
+  assert.deepEqual([refused.ok, refused.code], [false, "forbidden"]);
+  const welcomes = (await log(page)).welcomes.length;
+  await page.waitForTimeout(4000); // past the heartbeat window: silence (to the page) is not a reason to leave
+  const after = await log(page);
+  assert.equal(after.welcomes.length, welcomes, "stayed connected");
+  assert.deepEqual(after.errors, [], "the late join was not dropped");
+  assert.deepEqual(after.messages.map((m) => m.data.n), [1, 2]);
+  await page.context().close();
+});
+
+test("a hole in a room's seq on a live connection: rejoin with since, replayed in order", { timeout: 30_000 }, async () => {
+  const room = "hole";
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "walt", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  // The network loses one message (3), once.
+  let dropped = false;
+  network.fromServer = (frame) => {
+    if (!dropped && frame.type === "message" && frame.data.n === 3) {
+      dropped = true;
+      return null;
+    }
+    return frame;
+  };
+  for (let n = 1; n <= 6; n++) await publish(room, { n });
+  await waitForMessages(page, 6);
+  await page.waitForTimeout(300);
+  const { messages, welcomes, resets } = await log(page);
+  assert.ok(dropped);
+  assert.deepEqual(messages.map((m) => m.data.n), [1, 2, 3, 4, 5, 6], "every message once, in order");
+  assert.deepEqual(messages.map((m) => m.seq), [1, 2, 3, 4, 5, 6]);
+  assert.equal(welcomes.length, 1, "on the same connection");
+  assert.deepEqual(resets, []);
+  const rejoins = network.sent.filter((f) => f.type === "join" && f.since);
+  assert.equal(rejoins.length, 1, "one rejoin");
+  assert.equal(rejoins[0].since.seq, 2, "since the last seq it had without a hole");
+  await page.context().close();
+});
+
+test("an epoch change on a live connection: rejoin with since", { timeout: 30_000 }, async () => {
+  const room = "epoch";
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "xena", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  let epoch = null;
+  let changed = false;
+  network.fromServer = (frame) => {
+    if (frame.type === "message") epoch = frame.epoch;
+    if (!changed && frame.type === "message" && frame.data.n === 3) {
+      changed = true;
+      return { ...frame, epoch: "another-epoch" }; // as if the room's history had been lost
+    }
+    return frame;
+  };
+  for (let n = 1; n <= 4; n++) await publish(room, { n });
+  await waitForMessages(page, 4);
+  const { messages } = await log(page);
+  assert.deepEqual(messages.map((m) => [m.data.n, m.epoch]), [1, 2, 3, 4].map((n) => [n, epoch]));
+  const rejoins = network.sent.filter((f) => f.type === "join" && f.since);
+  assert.deepEqual(rejoins.map((f) => f.since), [{ seq: 2, epoch }], "rejoined from where it was");
+  await page.context().close();
+});
+
+test("a hole the server can no longer fill: recovered false, onReset, and on from there", { timeout: 40_000 }, async () => {
+  const room = "hole-reset";
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "yuri", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  await publish(room, { n: 1 });
+  await waitForMessages(page, 1);
+  // 2..102 are lost on the way: more than the room's 100 of history.
+  network.fromServer = (frame) => (frame.type === "message" && frame.data.n >= 2 && frame.data.n <= 102 ? null : frame);
+  for (let n = 2; n <= 103; n++) await publish(room, { n });
+  await page.waitForFunction(() => window.log.resets.length > 0, null, { timeout: WAIT });
+  await publish(room, { n: 104 });
+  await waitForMessages(page, 2);
+  const { messages, resets, welcomes } = await log(page);
+  assert.equal(resets.length, 1);
+  assert.equal(resets[0].recovered, false);
+  assert.equal(resets[0].seq, 103);
+  assert.deepEqual(messages.map((m) => m.data.n), [1, 104], "the page reloads the rest by other means");
+  assert.equal(welcomes.length, 1, "same connection");
+  await page.context().close();
+});
+
+test("echo: false is no hole: no rejoin for one's own unechoed publishes", { timeout: 30_000 }, async () => {
+  const room = "noecho";
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "zoe", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  await publish(room, { n: 1 });
+  await waitForMessages(page, 1);
+  for (const n of [2, 3]) assert.ok((await publishFromPage(page, room, { n }, { echo: false })).ok);
+  await publish(room, { n: 4 });
+  await waitForMessages(page, 2);
+  await page.waitForTimeout(300);
+  const { messages } = await log(page);
+  assert.deepEqual(messages.map((m) => [m.data.n, m.seq]), [
+    [1, 1],
+    [4, 4],
+  ]);
+  assert.deepEqual(network.sent.filter((f) => f.type === "join" && f.since), [], "no rejoin");
   await page.context().close();
 });
 

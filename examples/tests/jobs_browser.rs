@@ -15,8 +15,11 @@
 //! user refused. Screenshots land in `target/tmp/jobs-browser/`.
 //!
 //! `switchboard_js_in_a_real_browser` runs `client.test.mjs` against a plain
-//! server with `switchboard_warp::routes`: fallback order, dedupe by seq,
-//! backoff, recovery with `since`, `onReset`, heartbeat silence.
+//! server with `switchboard_warp::routes` (directly, and through a proxy that
+//! buffers SSE), and a server-push-only one (no client frames over SSE):
+//! fallback order, going back up, dedupe by seq, gaps and epoch changes,
+//! backoff, recovery with `since`, `onReset`, heartbeat silence, failing
+//! sends and request timeouts.
 //!
 //! Needs Chromium (`apt-get install -y chromium`, or `CHROMIUM_PATH`) and
 //! Node 20+ with npm; fails, saying what to install, when they are missing.
@@ -31,7 +34,8 @@ use std::time::Duration;
 
 use switchboard_core::Config;
 use switchboard_examples::jobs;
-use switchboard_runtime::{Switchboard, TrustClientName};
+use switchboard_runtime::{RuntimeConfig, Switchboard, TrustClientName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
@@ -112,6 +116,99 @@ impl Proxy {
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
     }
+}
+
+// ---- a proxy that buffers SSE -----------------------------------------------------
+
+/// What the buffering proxy holds back of an SSE response before it lets any
+/// of it through: far more than the stream's keepalives add up to in a test.
+const SSE_BUFFER: usize = 64 * 1024;
+
+/// Forwards every connection to `upstream`, like a reverse proxy with
+/// response buffering on: once a connection carries a `GET /sse` request,
+/// the answer's status line and headers go through, and its body is held
+/// until `SSE_BUFFER` bytes have gathered (never, for an event stream). The
+/// page's EventSource opens and then hears nothing. Everything else passes
+/// as it comes.
+async fn start_sse_buffering_proxy(upstream: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind buffering proxy");
+    let addr = listener.local_addr().expect("buffering proxy addr");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let sse = Arc::new(AtomicBool::new(false));
+                let seen = Arc::clone(&sse);
+                let requests = async move {
+                    let mut buf = vec![0; 16 * 1024];
+                    loop {
+                        let n = match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        if chunk.starts_with(b"GET /sse?") || chunk.starts_with(b"GET /sse ") {
+                            // Set before the request leaves: its answer comes after.
+                            seen.store(true, Ordering::SeqCst);
+                        }
+                        if server_tx.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                let answers = async move {
+                    let mut buf = vec![0; 16 * 1024];
+                    // Of an SSE answer: its head as read so far (passed on as
+                    // it comes), whether the head is complete, the held body.
+                    let mut head = Vec::new();
+                    let mut head_done = false;
+                    let mut held = Vec::new();
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        let mut pass = Vec::new();
+                        if !sse.load(Ordering::SeqCst) {
+                            pass.extend_from_slice(chunk);
+                        } else if head_done {
+                            held.extend_from_slice(chunk);
+                        } else {
+                            let before = head.len();
+                            head.extend_from_slice(chunk);
+                            if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                                head_done = true;
+                                pass.extend_from_slice(&head[before..end + 4]);
+                                held.extend_from_slice(&head[end + 4..]);
+                            } else {
+                                pass.extend_from_slice(chunk);
+                            }
+                        }
+                        if held.len() >= SSE_BUFFER {
+                            pass.append(&mut held);
+                        }
+                        if !pass.is_empty() && client_tx.write_all(&pass).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = requests => {}
+                    () = answers => {}
+                }
+            });
+        }
+    });
+    addr
 }
 
 // ---- the jobs app, restartable on its port ----------------------------------------------
@@ -269,21 +366,20 @@ async fn jobs_page_in_a_real_browser() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switchboard_js_in_a_real_browser() {
-    let _one = ONE_BROWSER.lock().await;
-    browser::prepare().await;
-
-    // A short heartbeat, so silence is noticed within seconds.
+/// A plain server for the client test on a free port: a blank page at `/` to
+/// load the client into (same origin as the server), and every Switchboard
+/// route. A short heartbeat (1.5 s + 1.5 s), so silence is noticed within
+/// seconds.
+fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, SocketAddr) {
     let mut config = Config::default();
     config.heartbeat_interval = Duration::from_millis(1500);
     config.heartbeat_timeout = Duration::from_millis(1500);
     let switchboard = Switchboard::builder()
         .config(config)
+        .runtime_config(runtime)
         .authenticator(TrustClientName)
         .build()
         .expect("switchboard");
-    // A blank page to load the client into (same origin as the server).
     let page = warp::path::end()
         .and(warp::get())
         .map(|| warp::reply::html("<!doctype html><title>switchboard.js test</title>"));
@@ -292,7 +388,7 @@ async fn switchboard_js_in_a_real_browser() {
         switchboard_warp::Options::default().api_key(CLIENT_API_KEY),
     ));
     let listener = switchboard_websocket::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
-    let url = format!("http://{}/", listener.local_addr().expect("addr"));
+    let addr = listener.local_addr().expect("addr");
     let stop = switchboard.shutdown_token();
     let server = tokio::spawn(
         warp::serve(routes)
@@ -300,11 +396,26 @@ async fn switchboard_js_in_a_real_browser() {
             .graceful(async move { stop.cancelled().await })
             .run(),
     );
+    (switchboard, server, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchboard_js_in_a_real_browser() {
+    let _one = ONE_BROWSER.lock().await;
+    browser::prepare().await;
+
+    let (switchboard, server, addr) = client_server(RuntimeConfig::default());
+    let buffering = start_sse_buffering_proxy(addr).await;
+    let mut push_only_config = RuntimeConfig::default();
+    push_only_config.sse_client_frames = false;
+    let (push_only, push_only_server, push_only_addr) = client_server(push_only_config);
 
     browser::node_test(
         "client.test.mjs",
         &[
-            ("CLIENT_URL", url),
+            ("CLIENT_URL", format!("http://{addr}/")),
+            ("CLIENT_BUFFERING_URL", format!("http://{buffering}/")),
+            ("CLIENT_PUSH_ONLY_URL", format!("http://{push_only_addr}/")),
             ("CLIENT_API_KEY", CLIENT_API_KEY.to_owned()),
         ],
         &screenshots("client-browser"),
@@ -312,6 +423,8 @@ async fn switchboard_js_in_a_real_browser() {
     )
     .await;
 
-    switchboard.shutdown().await;
-    server.await.expect("server task");
+    for (switchboard, server) in [(switchboard, server), (push_only, push_only_server)] {
+        switchboard.shutdown().await;
+        server.await.expect("server task");
+    }
 }

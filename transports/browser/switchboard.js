@@ -18,15 +18,39 @@
 // not met by a synchronized storm. After every reconnect it rejoins its rooms
 // with `since`, so nothing is lost (or, when the server cannot replay, the
 // room's `onReset` tells the page to reload its state), and it drops
-// duplicates by `seq`. After the server's `interval_ms` of silence it pings;
-// after `interval_ms + timeout_ms` it reconnects. A join the server refuses
-// (`forbidden`, `invalid_room`, ...) reaches the room's `onError` and the room
-// is dropped, not rejoined on every reconnect.
+// duplicates by `seq`. A live message that shows a hole in a room's `seq`
+// (or a new `epoch`) makes it rejoin that room with `since` = the last seq it
+// has without a hole, so the server replays what is missing (or answers
+// `recovered: false`, and `onReset` fires). After the server's `interval_ms`
+// of silence it pings; after `interval_ms + timeout_ms` it reconnects, and a
+// transport whose connections keep going silent (`maxSilentFailures` in a
+// row: a proxy that passes `welcome` and then holds everything) is given up
+// for the next one. A join the server refuses (`forbidden`, `invalid_room`,
+// ...) reaches the room's `onError` and the room is dropped, not rejoined on
+// every reconnect; a join refused for now (`rate_limited`, `unavailable`) or
+// lost on the way is sent again after a backoff.
+//
+// Every request (publish, direct, presence, leave) settles: with the `ack`,
+// with the server's `error`, or with a SwitchboardError whose `code` is
+// `send_failed` (the request carrying it failed on the network or with a 5xx;
+// it may or may not have reached the server), the code of the server's HTTP
+// error answer, `connection_lost` (the session ended before the answer),
+// `timeout` (no answer within `requestTimeoutMs`) or `not_connected`.
 
 const TRANSPORTS = ["websocket", "sse", "longpoll"];
 // Error codes of requests that fail for want of a connection, or for now: a
 // join that failed this way is sent again on reconnect, silently.
-const TRANSIENT = new Set(["connection_lost", "not_connected", "closed", "rate_limited", "unavailable"]);
+const TRANSIENT = new Set([
+  "connection_lost",
+  "not_connected",
+  "closed",
+  "rate_limited",
+  "unavailable",
+  "send_failed",
+  "timeout",
+]);
+// Of those, the ones that mean the connection is gone: the reconnect rejoins.
+const GONE = new Set(["connection_lost", "not_connected", "closed"]);
 
 /** A connection to a Switchboard server. */
 export class Switchboard {
@@ -39,6 +63,8 @@ export class Switchboard {
    * @param {number} [options.backoffBaseMs] first reconnect delay cap
    * @param {number} [options.backoffMaxMs] largest reconnect delay
    * @param {number} [options.upgradeAfterMs] how long to stay on a fallback before trying a better transport
+   * @param {number} [options.requestTimeoutMs] how long a request may wait for its answer (0: forever)
+   * @param {number} [options.maxSilentFailures] connections of one transport in a row that may go silent before the next transport is tried
    * @param {boolean} [options.autoConnect] connect now (default true)
    */
   constructor(options = {}) {
@@ -50,6 +76,8 @@ export class Switchboard {
     this.backoffBaseMs = options.backoffBaseMs ?? 500;
     this.backoffMaxMs = options.backoffMaxMs ?? 15000;
     this.upgradeAfterMs = options.upgradeAfterMs ?? 60000;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 10000;
+    this.maxSilentFailures = options.maxSilentFailures ?? 2;
 
     this.state = "idle";
     this.transport = null; // name of the transport in use
@@ -68,6 +96,12 @@ export class Switchboard {
     this.heartbeatWindowMs = 45000;
     this.lastHeard = 0;
     this.lastSent = 0;
+    this.welcomedAt = 0;
+    // Whether the connection in use has shown that it carries more than its
+    // `welcome` (a pong, a ping, or traffic after a whole heartbeat window),
+    // and how many connections of this transport in a row went silent.
+    this.connHealthy = false;
+    this.silentFailures = 0;
     // One of each at a time (several piled up across reconnects before).
     this.heartbeatTimer = null;
     this.reconnectTimer = null;
@@ -141,9 +175,18 @@ export class Switchboard {
   request(frame) {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.pending.set(id, { resolve, reject, frame });
+      const timer =
+        this.requestTimeoutMs > 0
+          ? this.later(() => {
+              if (!this.pending.has(id)) return;
+              this.pending.delete(id);
+              reject(new SwitchboardError("timeout", `no answer from the server within ${this.requestTimeoutMs} ms`));
+            }, this.requestTimeoutMs)
+          : null;
+      this.pending.set(id, { resolve, reject, frame, timer });
       if (!this.send({ ...frame, id })) {
         this.pending.delete(id);
+        this.clearTimer(timer);
         reject(new SwitchboardError("not_connected", "not connected"));
       }
     });
@@ -151,9 +194,15 @@ export class Switchboard {
 
   send(frame) {
     if (!this.conn || this.state !== "connected") return false;
-    this.conn.send(JSON.stringify(frame));
+    this.conn.send(JSON.stringify(frame), frame);
     this.lastSent = Date.now();
     return true;
+  }
+
+  /** A transport could not deliver `frames` (the request carrying them
+   * failed, or was refused): their requests fail with `error`. */
+  sendFailed(frames, error) {
+    for (const frame of frames) if (frame && frame.id !== undefined) this.settle(frame.id, false, error);
   }
 
   sendJoin(room) {
@@ -167,10 +216,38 @@ export class Switchboard {
    * (rejoining it on every reconnect would only spend the error budget); a
    * join cut short by a lost connection is simply sent again on reconnect. */
   joinFailed(room, error) {
-    if (TRANSIENT.has(error.code)) return;
+    if (TRANSIENT.has(error.code)) {
+      // Refused for now, or lost on the way, on a connection that is still
+      // up: again after a while (a join is idempotent; replays are deduped).
+      if (!GONE.has(error.code) && this.state === "connected") this.retryJoin(room);
+      return;
+    }
     if (this.rooms.get(room.name) === room) this.rooms.delete(room.name);
     room.joined = false;
+    room.recovering = false;
+    this.clearTimer(room.retryTimer);
     room.emitError(error);
+  }
+
+  retryJoin(room) {
+    const conn = this.conn;
+    const cap = Math.min(this.backoffMaxMs, this.backoffBaseMs * 2 ** room.retries);
+    room.retries = Math.min(room.retries + 1, 16);
+    this.clearTimer(room.retryTimer);
+    room.retryTimer = this.later(() => {
+      room.retryTimer = null;
+      const wanted = this.rooms.get(room.name) === room && (!room.joined || room.recovering);
+      if (wanted && this.conn === conn && this.state === "connected") this.recoverRoom(room);
+    }, Math.random() * cap);
+  }
+
+  /** Joins `room` again with `since` on the connection in use: after a hole
+   * in its seq, an epoch change, or a join that did not go through. */
+  recoverRoom(room) {
+    if (!this.conn || this.state !== "connected") return; // the reconnect rejoins it
+    // Push-only SSE sends nothing: its rooms (and positions) ride on the URL.
+    if (this.conn.canSense === false) return this.reconnectSoon();
+    this.sendJoin(room);
   }
 
   // ---- frames in ---------------------------------------------------------
@@ -215,9 +292,10 @@ export class Switchboard {
         return this.emit("error", error);
       }
       case "ping":
+        this.markHealthy(); // the server heard us recently enough to ask
         return this.send({ type: "pong" });
       case "pong":
-        return;
+        return this.markHealthy();
       case "close":
         this.emit("close", frame);
         this.closeFrame = frame;
@@ -231,13 +309,24 @@ export class Switchboard {
     const waiter = this.pending.get(id);
     if (!waiter) return;
     this.pending.delete(id);
+    this.clearTimer(waiter.timer);
     if (ok) waiter.resolve(value);
     else waiter.reject(value);
   }
 
   failPending(code) {
-    for (const [, waiter] of this.pending) waiter.reject(new SwitchboardError(code, "connection lost"));
+    const waiters = [...this.pending.values()];
     this.pending.clear();
+    for (const waiter of waiters) {
+      this.clearTimer(waiter.timer);
+      waiter.reject(new SwitchboardError(code, code === "closed" ? "closed" : "connection lost"));
+    }
+  }
+
+  /** The connection in use carries frames both ways, not just its welcome. */
+  markHealthy() {
+    this.connHealthy = true;
+    this.silentFailures = 0;
   }
 
   onWelcome(frame) {
@@ -247,10 +336,12 @@ export class Switchboard {
     this.heartbeatIntervalMs = hb.interval_ms || 25000;
     this.heartbeatWindowMs = this.heartbeatIntervalMs + (hb.timeout_ms || 20000);
     this.lastHeard = Date.now();
+    this.welcomedAt = this.lastHeard;
+    this.connHealthy = false;
     this.attempt = 0;
     this.setState("connected");
     this.emit("welcome", frame);
-    for (const room of this.rooms.values()) room.joined = false; // until its `joined` comes
+    for (const room of this.rooms.values()) room.resetSession(); // not joined until its `joined` comes
     // SSE joined its rooms in the URL; the others join now, with `since`.
     for (const room of [...this.rooms.values()]) {
       if (!(this.transport === "sse" && this.conn.joinedRooms.has(room.name))) this.sendJoin(room);
@@ -289,6 +380,7 @@ export class Switchboard {
       if (frame.type === "welcome") {
         welcomed = true;
         this.clearTimer(giveUp);
+        if (this.level !== level) this.silentFailures = 0; // counted per transport
         this.level = level;
       }
       this.handleFrame(frame);
@@ -330,9 +422,12 @@ export class Switchboard {
     if (conn) conn.close();
   }
 
-  /** Reopens the current transport at once (push-only SSE joining a new room). */
+  /** Reopens the current transport at once (push-only SSE joining a new
+   * room, or recovering one): the new stream's URL carries every room and
+   * position. What was waiting for an answer went with the old session. */
   reconnectSoon() {
     if (!this.conn) return;
+    this.failPending("connection_lost");
     this.tryLevel(this.level);
   }
 
@@ -368,13 +463,32 @@ export class Switchboard {
       if (this.conn.canSense === false) {
         // Push-only SSE: keepalives are comments the page cannot see.
       } else if (silent > this.heartbeatWindowMs) {
-        return this.reconnect();
-      } else if (silent >= this.heartbeatIntervalMs && now - this.lastSent >= this.heartbeatIntervalMs / 2) {
-        this.send({ type: "ping" });
+        return this.silenceFailed();
+      } else {
+        // Alive past a whole window and heard lately: more than a welcome.
+        if (!this.connHealthy && now - this.welcomedAt > this.heartbeatWindowMs && silent < this.heartbeatIntervalMs)
+          this.markHealthy();
+        if (silent >= this.heartbeatIntervalMs && now - this.lastSent >= this.heartbeatIntervalMs / 2)
+          this.send({ type: "ping" });
       }
       this.heartbeatTimer = this.later(check, every);
     };
     this.heartbeatTimer = this.later(check, every);
+  }
+
+  /** The connection went silent for the heartbeat window. One that never
+   * carried more than its welcome counts against its transport: after
+   * `maxSilentFailures` of those in a row, the next transport is tried (a
+   * proxy that passes the first bytes of a stream and then holds the rest
+   * would otherwise be reconnected to forever); going back up is tried
+   * after `upgradeAfterMs` as usual. */
+  silenceFailed() {
+    this.silentFailures = this.connHealthy ? 1 : this.silentFailures + 1;
+    if (this.silentFailures >= this.maxSilentFailures && this.level + 1 < this.transports.length) {
+      this.silentFailures = 0;
+      this.level += 1;
+    }
+    this.reconnect();
   }
 
   later(fn, ms) {
@@ -416,13 +530,25 @@ export class Room {
     this.epoch = null;
     this.members = null;
     this.joined = false;
+    this.recovering = false; // rejoining with `since` after a hole or a new epoch
+    this.unechoed = 0; // our publishes with `echo: false` on this session: holes in seq we expect
+    this.retries = 0;
+    this.retryTimer = null;
   }
 
   /** Publishes `data` to the room. Resolves on `ack`. */
   publish(data, { event, echo } = {}) {
     const frame = { type: "publish", room: this.name, data };
     if (event) frame.event = event;
-    if (echo === false) frame.echo = false;
+    if (echo === false) {
+      // Its seq will be a hole in what this session sees: an expected one.
+      frame.echo = false;
+      this.unechoed += 1;
+      return this.client.request(frame).catch((e) => {
+        this.unechoed = Math.max(0, this.unechoed - 1);
+        throw e;
+      });
+    }
     return this.client.request(frame);
   }
 
@@ -443,15 +569,29 @@ export class Room {
   /** Leaves the room. */
   leave() {
     this.client.rooms.delete(this.name);
+    this.client.clearTimer(this.retryTimer);
     this.joined = false;
+    this.recovering = false;
     if (this.client.state === "connected") return this.client.request({ type: "leave", room: this.name });
     return Promise.resolve();
+  }
+
+  /** A new session: nothing joined yet, no hole expected. */
+  resetSession() {
+    this.joined = false;
+    this.recovering = false;
+    this.unechoed = 0;
+    this.retries = 0;
+    this.client.clearTimer(this.retryTimer);
+    this.retryTimer = null;
   }
 
   onJoined(frame) {
     const resumed = this.epoch !== null;
     const lost = resumed && (frame.recovered === false || frame.epoch !== this.epoch);
     this.joined = true;
+    this.recovering = false;
+    this.retries = 0;
     this.epoch = frame.epoch;
     if (lost || !resumed || frame.seq < this.seq) this.seq = frame.seq;
     if (frame.members !== undefined) this.members = frame.members;
@@ -460,8 +600,22 @@ export class Room {
   }
 
   onMessage(frame) {
-    // At most once, in order: drop what was already seen in this epoch.
-    if (frame.epoch === this.epoch && frame.seq <= this.seq) return;
+    if (this.epoch !== null) {
+      // A new epoch: the room's history was lost. Rejoin with where we
+      // are; the server answers `recovered: false` and `onReset` fires.
+      if (frame.epoch !== this.epoch) return this.recover();
+      // At most once, in order: drop what was already seen in this epoch.
+      if (frame.seq <= this.seq) return;
+      const hole = frame.seq - this.seq - 1;
+      if (hole > 0) {
+        // A hole is ours when this session published that many messages
+        // with `echo: false`; any other hole is messages we missed: keep
+        // this one back too, and rejoin with `since` = the last seq we
+        // have, so the server replays them all in order.
+        if (hole > this.unechoed) return this.recover();
+        this.unechoed -= hole;
+      }
+    }
     this.epoch = frame.epoch;
     this.seq = frame.seq;
     for (const handler of this.handlers) {
@@ -471,6 +625,12 @@ export class Room {
         console.error(e);
       }
     }
+  }
+
+  recover() {
+    if (this.recovering) return; // the rejoin is on its way; its replay brings this message
+    this.recovering = true;
+    this.client.recoverRoom(this);
   }
 
   onPresence(frame) {
@@ -493,12 +653,49 @@ export class SwitchboardError extends Error {
 }
 
 // ---- transports --------------------------------------------------------------
-// Each has open(), send(text), close(), and calls onframe(frame) / onclose(info).
+// Each has open(), send(text, frame), close(), and calls onframe(frame) /
+// onclose(info); a send that fails calls client.sendFailed([frame], error).
 
 function makeTransport(name, client) {
   if (name === "websocket") return new WebSocketTransport(client);
   if (name === "sse") return new SseTransport(client);
   return new LongPollTransport(client);
+}
+
+/** POSTs `body` (client frames) to `path`; resolves on a 2xx answer, else
+ * throws a SwitchboardError: `timeout` after `requestTimeoutMs`,
+ * `send_failed` for a network error or a 5xx without a code, else the code
+ * of the server's `{"error": {"code", "message"}}` (with `status`). */
+async function postFrames(client, path, sid, body) {
+  let response;
+  try {
+    response = await fetch(client.endpoint(path, { sid }), {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body,
+      cache: "no-store",
+      ...(client.requestTimeoutMs > 0 ? { signal: AbortSignal.timeout(client.requestTimeoutMs) } : {}),
+    });
+  } catch (e) {
+    if (e && e.name === "TimeoutError")
+      throw new SwitchboardError("timeout", `POST ${path}: no answer within ${client.requestTimeoutMs} ms`);
+    throw new SwitchboardError("send_failed", `POST ${path} failed (${(e && e.message) || e}); it may not have reached the server`);
+  }
+  if (response.ok) return response;
+  let code = response.status >= 500 ? "send_failed" : `http_${response.status}`;
+  let message = `POST ${path} answered ${response.status}`;
+  try {
+    const error = (await response.json()).error;
+    if (error && typeof error.code === "string") {
+      code = error.code;
+      if (typeof error.message === "string") message = error.message;
+    }
+  } catch {
+    // not a Switchboard answer (a proxy's error page)
+  }
+  const error = new SwitchboardError(code, message);
+  error.status = response.status;
+  throw error;
 }
 
 class WebSocketTransport {
@@ -526,8 +723,10 @@ class WebSocketTransport {
     this.ws.onclose = (event) => this.onclose({ code: event.code });
   }
 
-  send(text) {
+  send(text, frame) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(text);
+    // Closing: its onclose follows, and the session with it.
+    else this.client.sendFailed([frame], new SwitchboardError("connection_lost", "the WebSocket is closing"));
   }
 
   close() {
@@ -540,12 +739,17 @@ class WebSocketTransport {
 }
 
 const SSE_EVENTS = ["welcome", "joined", "message", "direct", "presence", "ack", "error", "pong", "close"];
+const PUSH_ONLY = "this server takes no client frames over SSE (server push only)";
 
 class SseTransport {
   constructor(client) {
     this.client = client;
     this.joinedRooms = new Set();
     this.canSense = true;
+    this.closed = false;
+    // Whether the server takes client frames over SSE: unknown (null) until
+    // a send is refused.
+    this.pushOnly = null;
   }
 
   open() {
@@ -582,32 +786,58 @@ class SseTransport {
     };
   }
 
-  send(text) {
-    const sid = this.client.sid;
-    fetch(this.client.endpoint("sse/send", { sid }), {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: text,
-    })
-      .then((response) => {
-        if (response.status === 403) {
-          // Push-only server: no client frames. Joins then ride on the URL.
-          this.canSense = false;
-          let frame;
-          try {
-            frame = JSON.parse(text);
-          } catch {
-            return;
-          }
-          if (frame.type === "join" && !this.joinedRooms.has(frame.room)) this.client.reconnectSoon();
-          if (frame.id !== undefined)
-            this.client.settle(frame.id, false, new SwitchboardError("forbidden", "server push only"));
-        }
-      })
-      .catch(() => {});
+  current() {
+    return !this.closed && this.client.conn === this;
+  }
+
+  send(text, frame) {
+    if (this.pushOnly) return this.pushOnlyRefused(frame);
+    postFrames(this.client, "sse/send", this.client.sid, text).catch(async (error) => {
+      if (!this.current()) return; // its requests went with the old session
+      if (error.status !== 403) return this.client.sendFailed([frame], error);
+      // 403 `forbidden` has two causes that answer alike: a server that
+      // takes no client frames over SSE, or one that no longer knows our
+      // sid (the session ended, or the request reached another node). Ask
+      // without a sid: a push-only server refuses that too (403), any
+      // other answers 400 (`sid` missing).
+      if (this.pushOnly === null) this.pushOnly = await this.probePushOnly();
+      if (!this.current()) return;
+      if (this.pushOnly) return this.pushOnlyRefused(frame);
+      if (this.pushOnly === null) return this.client.sendFailed([frame], error); // the probe failed: unknown
+      // The session is gone: so is this stream (reconnect, rejoin with since).
+      this.client.sendFailed([frame], new SwitchboardError("connection_lost", "the server no longer knows this session"));
+      this.close();
+      this.onclose({});
+    });
+  }
+
+  async probePushOnly() {
+    try {
+      await postFrames(this.client, "sse/send", undefined, "[]");
+      return false;
+    } catch (error) {
+      if (error.status === 403) return true;
+      if (error.status) return false; // 400: it takes frames, it just wants a sid
+      return null;
+    }
+  }
+
+  /** Push-only server: no client frames, so no pings either (its keepalives
+   * are comments the page cannot see). Joins ride on the stream's URL. */
+  pushOnlyRefused(frame) {
+    this.canSense = false;
+    if (frame.type === "join") {
+      const room = this.client.rooms.get(frame.room);
+      if (!this.joinedRooms.has(frame.room) || (room && room.recovering)) return this.client.reconnectSoon();
+      // Already joined by this stream's URL.
+      if (frame.id !== undefined) this.client.settle(frame.id, true, { type: "ack", id: frame.id });
+      return;
+    }
+    if (frame.id !== undefined) this.client.settle(frame.id, false, new SwitchboardError("forbidden", PUSH_ONLY));
   }
 
   close() {
+    this.closed = true;
     if (this.es) {
       this.es.onerror = null;
       this.es.close();
@@ -620,13 +850,14 @@ class LongPollTransport {
     this.client = client;
     this.ack = 0;
     this.closed = false;
-    this.outbox = [];
+    this.outbox = []; // {text, frame}
     this.sending = false;
   }
 
   async open() {
+    this.abort = new AbortController();
     try {
-      const response = await fetch(this.client.endpoint("poll/open"), { method: "POST" });
+      const response = await fetch(this.client.endpoint("poll/open"), { method: "POST", signal: this.abort.signal });
       if (this.closed) return;
       if (response.status === 401 || response.status === 403) return this.onclose({ fatal: true });
       if (!response.ok) return this.onclose({});
@@ -679,23 +910,31 @@ class LongPollTransport {
     }
   }
 
-  send(text) {
-    this.outbox.push(text);
+  send(text, frame) {
+    this.outbox.push({ text, frame });
     if (!this.sending) this.flush();
   }
 
+  /** Sends what is queued, one POST at a time. A POST that fails fails the
+   * requests it carried (none is sent twice: a publish that may have
+   * arrived must not be published again); the queue goes on. */
   async flush() {
     this.sending = true;
     while (this.outbox.length && !this.closed) {
       const batch = this.outbox.splice(0, this.outbox.length);
       try {
-        await fetch(this.client.endpoint("poll/send", { sid: this.sid }), {
-          method: "POST",
-          headers: { "content-type": "application/json" },
-          body: `[${batch.join(",")}]`,
-        });
-      } catch {
-        break;
+        await postFrames(this.client, "poll/send", this.sid, `[${batch.map((b) => b.text).join(",")}]`);
+      } catch (error) {
+        if (this.closed) break; // its requests went with the old session
+        const frames = batch.map((b) => b.frame);
+        if (error.status === 403) {
+          // The server no longer knows this sid: the session ended.
+          this.client.sendFailed(frames, new SwitchboardError("connection_lost", "the server no longer knows this session"));
+          this.close();
+          this.onclose({});
+          break;
+        }
+        this.client.sendFailed(frames, error);
       }
     }
     this.sending = false;
