@@ -99,6 +99,12 @@ pub const STEPS: [(u8, &str); 4] = [
 ];
 /// The step at which a job started with `"fail": true` fails.
 pub const FAILING_STEP: &str = "uploading";
+/// The first wait before a publish that failed for now (`unavailable`: a
+/// cluster broker out of reach) is tried again; it doubles up to
+/// [`PUBLISH_RETRY_MAX`].
+pub const PUBLISH_RETRY_FIRST: Duration = Duration::from_millis(200);
+/// The longest wait between two tries of a publish.
+pub const PUBLISH_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Which transports the server offers. Refusing some shows the browser
 /// client's fallback (WebSocket, then SSE, then long-poll).
@@ -629,8 +635,9 @@ impl App {
     }
 
     /// Takes the job through its steps from where it is. Each event is
-    /// published, then recorded; a publish that fails (shutdown) stops the
-    /// worker with the job as last recorded, to resume on the next start.
+    /// published, then recorded; a publish that cannot go through (shutdown)
+    /// stops the worker with the job as last recorded, to resume on the next
+    /// start.
     async fn run(&self, id: &str) {
         let stop = self.switchboard.shutdown_token();
         let Some(job) = self.store.get(id) else {
@@ -684,7 +691,12 @@ impl App {
     }
 
     /// Publishes one event of job `id` to its room and records its effect and
-    /// its room position, under the job's gate. False when publishing failed.
+    /// its room position, under the job's gate. A publish refused for now
+    /// (`unavailable`: with a cluster broker, the broker is out of reach) is
+    /// tried again with exponential backoff, the gate free in between so the
+    /// status endpoint still answers. False when it cannot go through: the
+    /// Switchboard is shutting down (the job resumes on the next start), or
+    /// the event itself is refused, which trying again cannot change.
     async fn emit(
         &self,
         id: &str,
@@ -692,27 +704,48 @@ impl App {
         data: &serde_json::Value,
         change: impl FnOnce(&mut Job),
     ) -> bool {
-        let Some(gate) = self.store.gate(id) else {
-            return false;
-        };
-        let _gate = gate.lock().await;
-        match self
-            .switchboard
-            .publish(&room_of(id), Some(event), data)
-            .await
-        {
-            Ok(published) => {
-                self.store.update(id, |job| {
-                    change(job);
-                    job.seq = published.seq;
-                    job.epoch = Some(published.epoch.as_str().to_owned());
-                });
-                true
+        let stop = self.switchboard.shutdown_token();
+        let mut change = Some(change);
+        let mut wait = PUBLISH_RETRY_FIRST;
+        loop {
+            {
+                let Some(gate) = self.store.gate(id) else {
+                    return false;
+                };
+                let _gate = gate.lock().await;
+                match self
+                    .switchboard
+                    .publish(&room_of(id), Some(event), data)
+                    .await
+                {
+                    Ok(published) => {
+                        self.store.update(id, |job| {
+                            if let Some(change) = change.take() {
+                                change(job);
+                            }
+                            job.seq = published.seq;
+                            job.epoch = Some(published.epoch.as_str().to_owned());
+                        });
+                        return true;
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        tracing::warn!(job = %id, error = %e, retry_in = ?wait, "publish failed for now");
+                    }
+                    Err(e) if e.is_shutting_down() => {
+                        tracing::info!(job = %id, "job paused until the next start");
+                        return false;
+                    }
+                    Err(e) => {
+                        tracing::error!(job = %id, event, error = %e, "event refused; job paused");
+                        return false;
+                    }
+                }
             }
-            Err(e) => {
-                tracing::info!(job = %id, error = %e, "job paused");
-                false
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = stop.cancelled() => return false,
             }
+            wait = (wait * 2).min(PUBLISH_RETRY_MAX);
         }
     }
 
