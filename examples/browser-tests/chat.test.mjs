@@ -314,6 +314,31 @@ test("a private message from bob reaches both of alice's tabs, and bob sees it a
   await click(a2, '#room-list .conv[data-conv="room:lobby"] button');
 });
 
+test("a private message alice sends shows in her other tab too, as sent", { timeout: 60_000 }, async () => {
+  const reply = "thanks bob, see you at noon";
+  await click(a1, '#member-list .member[data-user="bob"] button');
+  await a1.locator('#conv-title:text-is("bob")').waitFor({ timeout: WAIT });
+  await send(a1, reply);
+  await waitForMessage(b1, "dm:alice", reply);
+  await waitForMessage(a2, "dm:bob", reply);
+  await a1.waitForTimeout(300); // room for a duplicate to show up
+  for (const [name, page, conv, expected] of [
+    ["a1", a1, "dm:bob", ["alice", reply, true, true, "Private to bob"]],
+    ["a2", a2, "dm:bob", ["alice", reply, true, true, "Private to bob"]],
+    ["b1", b1, "dm:alice", ["alice", reply, false, true, "Private"]],
+  ]) {
+    const rows = (await messages(page, conv)).filter((r) => r.text === reply);
+    assert.deepEqual(
+      rows.map((r) => [r.user, r.text, r.mine, r.private, r.tag]),
+      [expected],
+      `${name} shows it once, in the conversation with the other user`,
+    );
+    const everywhere = await page.$$eval(".msg .text", (ts) => ts.map((t) => t.textContent));
+    assert.equal(everywhere.filter((t) => t === reply).length, 1, `${name}: shown exactly once`);
+  }
+  await click(a1, '#room-list .conv[data-conv="room:lobby"] button');
+});
+
 test("markup in a message is shown as text and never runs", { timeout: 60_000 }, async () => {
   const nasty = ["<script>alert(1)</script>", '<img src=x onerror="window.__pwned=1;alert(2)">', "<b>bold?</b> & &amp;"];
   for (const text of nasty) {
@@ -413,10 +438,12 @@ test("closing bob's tab shows alice's tabs a leave notice with the new count", {
 
   // A private message to somebody no longer online is refused, not lost silently.
   await click(a1, '#dm-list .conv[data-conv="dm:bob"] button');
+  const sentBefore = (await messages(a1, "dm:bob")).filter((r) => r.mine).length;
   await send(a1, "are you still there?");
   await a1.waitForFunction(() => document.getElementById("composer-error").textContent.includes("not delivered"));
   assert.equal(await a1.inputValue("#message"), "are you still there?", "the text is kept to try again");
-  assert.equal((await messages(a1, "dm:bob")).filter((r) => r.mine).length, 0);
+  assert.equal((await messages(a1, "dm:bob")).filter((r) => r.mine).length, sentBefore, "not drawn as sent");
+  assert.ok(!(await messages(a2, "dm:bob")).some((r) => r.text === "are you still there?"), "nor in the other tab");
   await a1.fill("#message", "");
   await click(a1, '#room-list .conv[data-conv="room:lobby"] button');
 });

@@ -16,7 +16,9 @@
 // - private messages: `direct` to `{user}`; the server delivers it to every
 //   tab of that user. The sender draws it when the server acks it (there is no
 //   echo for `direct`); an `unknown_target` error means nobody of that name is
-//   online, and nothing was delivered.
+//   online, and nothing was delivered. Then a copy goes to the sender's own
+//   user (`direct` to `{user: me}`, event `private_sent`), so the sender's
+//   other tabs show it too; the tab that sent it skips its own copy (by sid).
 // - who is here: `presence` request on every (re)join for the list, then the
 //   room's `presence` join/leave events keep it current and show as centred
 //   notices with the member count. `joined.members` gives the count on join.
@@ -440,6 +442,16 @@ async function loadHistory(conv, joined, where) {
 
 function onDirect(frame) {
   const from = frame.from || {};
+  if (frame.event === "private_sent") {
+    // What this user sent from another tab. Only our own user can send it
+    // (the server sets `from`); the sending tab drew it already.
+    if (from.user !== state.me || from.sid === state.sb.sid) return;
+    const to = frame.data && frame.data.to;
+    if (typeof to !== "string" || !to) return;
+    const conv = state.convs.get(`dm:${to}`) || createConv("dm", to);
+    append(conv, messageRow({ user: state.me, text: textOf(frame.data), ts: Date.now(), mine: true, privateTo: to }));
+    return;
+  }
   const user = from.server ? "server" : from.user || "anonymous";
   const conv = state.convs.get(`dm:${user}`) || createConv("dm", user);
   append(conv, messageRow({ user, text: textOf(frame.data), ts: Date.now(), mine: false, privateFrom: user }));
@@ -483,6 +495,10 @@ async function send(event) {
     } else {
       await state.sb.direct({ user: conv.name }, { text }, { event: "private" });
       append(conv, messageRow({ user: state.me, text, ts: Date.now(), mine: true, privateTo: conv.name }));
+      if (conv.name !== state.me) {
+        // For this user's other tabs (best effort: the message itself went).
+        state.sb.direct({ user: state.me }, { text, to: conv.name }, { event: "private_sent" }).catch(() => {});
+      }
     }
   } catch (error) {
     if (!input.value) input.value = text;
