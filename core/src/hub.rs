@@ -456,12 +456,15 @@ impl Hub {
             state.detached_since = None;
             state.last_rx = state.last_rx.max(now);
             state.pinged = false;
+            // The heartbeat resumes, possibly before the idle deadline.
+            self.reschedule_session(session);
         }
     }
 
     /// The session's transport went away but the session lives on (between
     /// two long-polls). It is closed with `idle` if nothing attaches within
-    /// `session_idle`.
+    /// `session_idle`; while detached it is neither pinged nor closed for
+    /// `heartbeat_timeout`.
     pub fn detach(&mut self, now: Timestamp, session: SessionKey) {
         if let Some(state) = self.sessions.get_mut(session) {
             if state.detached_since.is_none() {
@@ -1094,10 +1097,12 @@ impl Hub {
             return; // superseded by an earlier entry
         }
         s.timer_at = None;
-        if s.detached_since
-            .is_some_and(|since| now >= since + config.session_idle)
-        {
-            self.close(now, key, CloseReason::Idle);
+        if let Some(since) = s.detached_since {
+            if now >= since + config.session_idle {
+                self.close(now, key, CloseReason::Idle);
+            } else {
+                self.reschedule_session(key);
+            }
             return;
         }
         match s.liveness {

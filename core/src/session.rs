@@ -15,7 +15,10 @@ use crate::HashState;
 #[non_exhaustive]
 pub enum Liveness {
     /// The client answers `ping` with frames (WebSocket, long-poll): silence
-    /// for `interval + timeout` closes it with `heartbeat_timeout`.
+    /// for `interval + timeout` closes it with `heartbeat_timeout`. While the
+    /// session is detached (between two long-polls) there is nothing to carry
+    /// a ping: only the idle clock runs, and a transport attaching (a poll
+    /// arriving) is proof of life.
     Client,
     /// The client cannot send (server-push-only SSE): the hub asks for a
     /// keepalive `ping` every interval (SSE writes it as `: ping`) and the
@@ -67,16 +70,16 @@ impl Session {
 
     /// The next moment this session's timers need attention.
     pub(crate) fn deadline(&self, config: &Config) -> Timestamp {
-        let heartbeat = match self.liveness {
+        if let Some(since) = self.detached_since {
+            // Detached: no heartbeat, only `idle` (see `Liveness`).
+            return since + config.session_idle;
+        }
+        match self.liveness {
             Liveness::Client if self.pinged => {
                 self.last_rx + config.heartbeat_interval + config.heartbeat_timeout
             }
             Liveness::Client => self.last_rx + config.heartbeat_interval,
             Liveness::Transport => self.last_ping + config.heartbeat_interval,
-        };
-        match self.detached_since {
-            Some(since) => heartbeat.min(since + config.session_idle),
-            None => heartbeat,
         }
     }
 }

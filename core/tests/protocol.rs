@@ -1505,6 +1505,54 @@ fn attach_refreshes_heartbeat_liveness() {
     assert_eq!(types(&sim.take(poll)), ["ping"]);
 }
 
+#[test]
+fn a_detached_client_session_is_closed_idle_not_heartbeat_timeout() {
+    // Default timings: interval + timeout (45 s) is shorter than session_idle
+    // (60 s). A detached long-poll session has no transport to carry a ping;
+    // only the idle clock runs.
+    let mut sim = sim();
+    let poll = connect(&mut sim, "alice");
+    let now = sim.now();
+    sim.hub_mut().detach(now, poll);
+    sim.advance(INTERVAL + TIMEOUT + secs(1));
+    assert!(
+        sim.hub().contains(poll),
+        "no heartbeat_timeout while detached"
+    );
+    assert!(sim.take(poll).is_empty(), "no ping while detached");
+    sim.advance(secs(60) - (INTERVAL + TIMEOUT + secs(1)) - MS);
+    assert!(sim.hub().contains(poll));
+    sim.advance(MS);
+    assert_eq!(
+        sim.take(poll),
+        vec![json!({"type": "close", "code": 1001, "reason": "idle"})]
+    );
+    assert_eq!(sim.close_reason(poll), Some(CloseReason::Idle));
+}
+
+#[test]
+fn the_heartbeat_resumes_when_a_detached_session_attaches() {
+    let mut sim = sim();
+    let poll = connect(&mut sim, "alice");
+    let now = sim.now();
+    sim.hub_mut().detach(now, poll);
+    sim.advance(secs(1));
+    let now = sim.now();
+    sim.hub_mut().attach(now, poll);
+    // Attached (a poll waits): pinged after the interval, even though the
+    // idle deadline of the detach was later.
+    sim.advance(INTERVAL - MS);
+    assert!(sim.take(poll).is_empty());
+    sim.advance(MS);
+    assert_eq!(types(&sim.take(poll)), ["ping"]);
+    sim.advance(TIMEOUT);
+    assert_eq!(
+        sim.close_reason(poll),
+        Some(CloseReason::HeartbeatTimeout),
+        "an attached transport that stays silent times out as before"
+    );
+}
+
 // ---- limits ---------------------------------------------------------------
 
 /// A `pong` frame padded with spaces to exactly `len` bytes.

@@ -1,9 +1,11 @@
 //! `switchboard`: the standalone Switchboard server, for teams whose backend
-//! is not Rust. It serves WebSocket clients at `/ws`, Prometheus metrics at
-//! `/metrics`, and the HTTP publish API (`POST /api/publish`, `POST
-//! /api/direct`) through which a backend in any language pushes to rooms and
-//! users. Every limit is a flag; `switchboard --help` lists them. With
-//! `--redis URL`, several servers share rooms through one Redis.
+//! is not Rust. It serves WebSocket clients at `/ws`, SSE at `/sse`, long-poll
+//! at `/poll`, Prometheus metrics at `/metrics`, and the HTTP publish API
+//! (`POST /api/publish`, `POST /api/direct`) through which a backend in any
+//! language pushes to rooms and users. Every limit is a flag; `switchboard
+//! --help` lists them. With `--redis URL`, several servers share rooms
+//! through one Redis. SIGINT or SIGTERM shuts it down within
+//! `--shutdown-timeout-ms` (a second signal exits at once).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -64,9 +66,18 @@ struct Args {
     /// How long a detached (long-poll) session lives without a poll, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     session_idle_ms: u64,
-    /// Bytes a session's outbound queue may hold before it is closed as `slow_consumer`.
+    /// Bytes a session's outbound queue may hold before it is closed as `slow_consumer` (for long-poll: with what the client has not acknowledged).
     #[arg(long, default_value_t = 1 << 20)]
     max_outbound_bytes: usize,
+    /// How long a long-poll waits for frames before answering `[]`, in milliseconds.
+    #[arg(long, default_value_t = 25_000, value_parser = clap::value_parser!(u64).range(1..))]
+    poll_timeout_ms: u64,
+    /// How long shutdown (SIGINT or SIGTERM) waits for clients to receive their `close` and for requests in flight to end, in milliseconds; then the process exits regardless.
+    #[arg(long, default_value_t = 5_000)]
+    shutdown_timeout_ms: u64,
+    /// Refuse client frames over SSE (`POST /sse/send` answers 403): SSE becomes server push only. WebSocket and long-poll clients still send.
+    #[arg(long)]
+    sse_push_only: bool,
     /// Messages each room keeps for recovery (0 keeps none).
     #[arg(long, default_value_t = 100)]
     history: usize,
@@ -136,6 +147,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.session_idle = Duration::from_millis(args.session_idle_ms);
     let mut runtime = RuntimeConfig::default();
     runtime.max_outbound_bytes = args.max_outbound_bytes;
+    runtime.poll_timeout = Duration::from_millis(args.poll_timeout_ms);
+    runtime.shutdown_timeout = Duration::from_millis(args.shutdown_timeout_ms);
+    runtime.sse_client_frames = !args.sse_push_only;
+    let shutdown_timeout = runtime.shutdown_timeout;
 
     let policy = ServerPolicy {
         options: RoomOptions::default()
@@ -178,16 +193,64 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = switchboard_websocket::bind(args.listen)?;
     tracing::info!(addr = %listener.local_addr()?, "switchboard listening");
-    let sb = switchboard.clone();
-    let shutdown = async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
-        sb.shutdown().await;
-    };
-    warp::serve(routes)
+    // Until a signal, serve; then shut the Switchboard down while still
+    // serving (long-poll clients fetch their `close` during it), then stop
+    // accepting and let requests in flight end. The whole shutdown is
+    // bounded by --shutdown-timeout-ms: a stalled client (an SSE stream
+    // whose reader stopped reading, an upload that never ends) would
+    // otherwise hold warp's graceful shutdown forever.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = warp::serve(routes)
         .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+        .graceful(async move {
+            let _ = stopped.await;
+        })
+        .run();
+    tokio::pin!(server);
+    tokio::select! {
+        () = &mut server => return Ok(()),
+        () = signalled() => {}
+    }
+    tracing::info!("shutting down");
+    let deadline = tokio::time::Instant::now() + shutdown_timeout;
+    tokio::select! {
+        () = switchboard.shutdown() => {}
+        () = signalled() => {
+            tracing::warn!("second signal: exiting now");
+            return Ok(());
+        }
+    }
+    let _ = stop.send(());
+    tokio::select! {
+        result = tokio::time::timeout_at(deadline, &mut server) => {
+            if result.is_err() {
+                tracing::warn!("connections still open at the shutdown timeout: exiting anyway");
+            }
+        }
+        () = signalled() => tracing::warn!("second signal: exiting now"),
+    }
     Ok(())
+}
+
+/// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+async fn signalled() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

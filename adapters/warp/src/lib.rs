@@ -28,6 +28,7 @@ use hyper::upgrade::OnUpgrade;
 use switchboard_longpoll::LongPoll;
 use switchboard_runtime::http_api::{self, ApiCall};
 use switchboard_runtime::Switchboard;
+use switchboard_sse::Sse;
 use warp::filters::BoxedFilter;
 use warp::{Filter, Reply};
 
@@ -95,27 +96,27 @@ pub fn websocket(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Respons
 /// `GET /sse` and `POST /sse/send`: the Server-Sent Events transport.
 #[must_use]
 pub fn sse(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
-    let sb = switchboard.clone();
+    let transport = Sse::new(switchboard.clone());
+    let sse = transport.clone();
     let stream = warp::path("sse")
         .and(warp::path::end())
         .and(warp::get())
         .and(request_head())
         .then(move |request: Request<()>| {
-            let sb = sb.clone();
+            let sse = sse.clone();
             async move {
-                let (parts, body) = switchboard_sse::handle(&sb, request).await.into_parts();
+                let (parts, body) = sse.handle(request).await.into_parts();
                 let mut response = warp::reply::stream(body).into_response();
                 *response.status_mut() = parts.status;
                 *response.headers_mut() = parts.headers;
                 response
             }
         });
-    let sb = switchboard.clone();
     let send = warp::path!("sse" / "send")
         .and(request_with_body())
         .then(move |request| {
-            let sb = sb.clone();
-            async move { to_warp(switchboard_sse::send(&sb, request).await) }
+            let sse = transport.clone();
+            async move { to_warp(sse.send(request).await) }
         });
     stream.or(send).unify().boxed()
 }

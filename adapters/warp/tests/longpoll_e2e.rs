@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use common_http::{
     builder, check_error, config, error_cases, eventually, ping_burst, runtime_config, within,
-    KnownUsers, Poller, Server,
+    KnownUsers, Poller, Reply, Server,
 };
+use futures_util::StreamExt;
 use http::StatusCode;
 use serde_json::{json, Value};
+use switchboard_runtime::AllowOrigins;
 
 fn kinds(frames: &[Value]) -> Vec<&str> {
     frames
@@ -245,31 +247,43 @@ async fn idle_session_is_closed_and_freed() {
 }
 
 #[tokio::test]
-async fn heartbeat_timeout_closes_a_session_that_never_answers_pings() {
+async fn a_poller_that_stops_polling_is_closed_idle_not_heartbeat_timeout() {
     let mut config = config();
     config.heartbeat_interval = Duration::from_millis(300);
     config.heartbeat_timeout = Duration::from_millis(300);
+    config.session_idle = Duration::from_secs(1);
     let mut runtime = runtime_config();
     runtime.poll_timeout = Duration::from_secs(5);
     let server = Server::with(builder().config(config).runtime_config(runtime)).await;
     let mut poller = Poller::open(&server, Some("alice")).await;
 
-    // Silent client: the server pings ...
+    // While a poll waits the server pings; the answer ends the poll ...
     let (_ping, before) = poller.until("ping").await;
     assert!(before.is_empty(), "{before:?}");
-    // ... and, with no pong and no further poll, gives up.
+    // ... and the client never answers nor polls again: it is the missing
+    // polls that close it (`idle`), not the unanswered ping.
     let switchboard = server.switchboard.clone();
-    eventually("the heartbeat timeout", || {
-        switchboard.metrics().heartbeat_timeouts == 1
-    })
-    .await;
-    assert_eq!(server.switchboard.metrics().sessions, 0);
+    eventually("the idle close", || switchboard.metrics().sessions == 0).await;
+    let metrics = server.switchboard.metrics();
+    assert_eq!(metrics.heartbeat_timeouts, 0, "{metrics:?}");
+    assert_eq!(close_count(&server, "idle"), 1, "{metrics:?}");
     let frames = poller.poll().await;
     assert_eq!(
         frames,
-        [json!({"type": "close", "code": 1001, "reason": "heartbeat_timeout"})]
+        [json!({"type": "close", "code": 1001, "reason": "idle"})]
     );
-    expect_closed(&mut poller, "heartbeat_timeout").await;
+    expect_closed(&mut poller, "idle").await;
+}
+
+/// How many sessions were closed with `reason`.
+fn close_count(server: &Server, reason: &str) -> u64 {
+    server
+        .switchboard
+        .metrics()
+        .closes
+        .iter()
+        .find(|(r, _)| r.as_str() == reason)
+        .map_or(0, |(_, n)| *n)
 }
 
 #[tokio::test]
@@ -452,4 +466,280 @@ async fn authentication_refusal_is_403() {
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
     assert_eq!(server.switchboard.metrics().sessions, 2);
+}
+
+// ---- the outbound bound -----------------------------------------------------
+
+/// The outbound bound of the slow-consumer tests, and the data of one
+/// message (a `message` frame of about 250 bytes).
+const SMALL_BOUND: usize = 4096;
+fn payload(i: usize) -> Value {
+    json!({"i": i, "pad": "x".repeat(150)})
+}
+
+fn small_bound_server_builder() -> switchboard_runtime::Builder {
+    let mut runtime = runtime_config();
+    runtime.max_outbound_bytes = SMALL_BOUND;
+    builder().runtime_config(runtime)
+}
+
+/// Opens a poller for `alice` in `lobby`, with everything so far acknowledged.
+async fn joined_poller(server: &Server) -> Poller<'_> {
+    let mut poller = Poller::open(server, Some("alice")).await;
+    poller
+        .send(json!({"type": "join", "room": "lobby"}).to_string())
+        .await;
+    poller.until("joined").await;
+    poller
+}
+
+/// Asserts an answer fits in the bound (frames, plus the array's commas and brackets).
+fn assert_within_bound(reply: &Reply) {
+    let frames = reply.frames().len();
+    assert!(
+        reply.body.len() <= SMALL_BOUND + frames + 1,
+        "an answer of {} bytes passed the bound of {SMALL_BOUND}",
+        reply.body.len()
+    );
+}
+
+#[tokio::test]
+async fn a_poller_that_never_acknowledges_is_closed_as_slow_consumer() {
+    let server = Server::with(small_bound_server_builder()).await;
+    let mut poller = joined_poller(&server).await;
+    poller.poll_raw(poller.ack).await; // acknowledges `joined`, waits out a poll
+
+    // Every poll says `ack=0`: the answers are sent again and grow with each
+    // new message, until what the client holds unacknowledged plus the queue
+    // passes the bound.
+    let close = within("the slow_consumer close", async {
+        for i in 0..10 * SMALL_BOUND {
+            server.publish("lobby", payload(i)).await;
+            let reply = poller.poll_raw(0).await;
+            assert_within_bound(&reply);
+            let frames = reply.frames();
+            if let Some(last) = frames.last().filter(|f| f["type"] == "close") {
+                // What was not acknowledged is dropped: the close comes alone.
+                assert_eq!(frames.len(), 1, "{frames:?}");
+                return last.clone();
+            }
+            assert!(frames.iter().all(|f| f["type"] == "message"), "{frames:?}");
+            assert_eq!(frames.len(), i + 1, "resent whole, in order");
+        }
+        panic!("never closed: the resend buffer grows without bound");
+    })
+    .await;
+    assert_eq!(
+        close,
+        json!({"type": "close", "code": 1013, "reason": "slow_consumer"})
+    );
+    assert_eq!(server.switchboard.metrics().slow_consumer_closes, 1);
+    assert_eq!(server.switchboard.metrics().sessions, 0);
+    poller.ack = 1;
+    expect_closed(&mut poller, "slow_consumer").await;
+}
+
+#[tokio::test]
+async fn acknowledged_answers_free_the_bound() {
+    let server = Server::with(small_bound_server_builder()).await;
+    let mut poller = joined_poller(&server).await;
+    // Far more than the bound in all, a little at a time, each acknowledged.
+    let total = 4 * SMALL_BOUND / 250;
+    let mut seqs = Vec::new();
+    for i in 0..total {
+        server.publish("lobby", payload(i)).await;
+        server.publish("lobby", payload(i)).await;
+        within("both messages", async {
+            while seqs.len() < 2 * (i + 1) {
+                for frame in poller.poll().await {
+                    assert_eq!(frame["type"], "message", "{frame}");
+                    seqs.push(frame["seq"].as_u64().expect("a seq"));
+                }
+            }
+        })
+        .await;
+    }
+    assert_eq!(seqs, (1..=2 * total as u64).collect::<Vec<_>>());
+    assert_eq!(server.switchboard.metrics().slow_consumer_closes, 0);
+    assert_eq!(server.switchboard.metrics().sessions, 1);
+}
+
+#[tokio::test]
+async fn a_poller_that_stops_polling_is_closed_as_slow_consumer() {
+    let server = Server::with(small_bound_server_builder()).await;
+    let mut poller = joined_poller(&server).await;
+    // The answer with `joined` is acknowledged by no poll; then messages
+    // queue up while nobody polls.
+    let switchboard = server.switchboard.clone();
+    within("the queue to overflow", async {
+        let mut i = 0;
+        while switchboard.metrics().slow_consumer_closes == 0 {
+            server.publish("lobby", payload(i)).await;
+            i += 1;
+            tokio::task::yield_now().await; // lets `within` time out
+        }
+    })
+    .await;
+    assert_eq!(server.switchboard.metrics().sessions, 0);
+    // What was queued is dropped; the client learns why, and recovers with `since`.
+    let frames = poller.poll().await;
+    assert_eq!(
+        frames,
+        [json!({"type": "close", "code": 1013, "reason": "slow_consumer"})]
+    );
+    expect_closed(&mut poller, "slow_consumer").await;
+    assert_eq!(close_count(&server, "slow_consumer"), 1);
+}
+
+// ---- origins and other transports' sids -------------------------------------
+
+/// `request` with an `Origin` header.
+fn with_origin(
+    mut request: http::Request<http_body_util::Full<bytes::Bytes>>,
+    origin: &str,
+) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    request
+        .headers_mut()
+        .insert("origin", origin.parse().expect("a header value"));
+    request
+}
+
+#[tokio::test]
+async fn a_refused_origin_is_403_forbidden() {
+    let server = Server::with(builder().origins(AllowOrigins::new(["https://app.example"]))).await;
+    let authority = server.addr.to_string();
+    let open = |origin: &str| {
+        with_origin(
+            common_http::post(&authority, "/poll/open?token=alice", ""),
+            origin,
+        )
+    };
+    server
+        .fetch(open("https://evil.example"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(server.switchboard.metrics().sessions, 0);
+
+    // A listed origin and the server's own are let in.
+    let listed = server.fetch(open("https://app.example")).await.frames();
+    assert_eq!(kinds(&listed), ["welcome"]);
+    let own = server.fetch(open(&format!("http://{authority}"))).await;
+    assert_eq!(kinds(&own.frames()), ["welcome"]);
+
+    // A page of another origin cannot poll or send on an open session either.
+    let sid = listed[0]["sid"].as_str().unwrap();
+    let poll = common_http::get(&authority, &format!("/poll?sid={sid}&ack=1&token=alice"));
+    server
+        .fetch(with_origin(poll, "https://evil.example"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    let send = common_http::post(
+        &authority,
+        &format!("/poll/send?sid={sid}&token=alice"),
+        json!({"type": "join", "room": "lobby"}).to_string(),
+    );
+    server
+        .fetch(with_origin(send, "https://evil.example"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    assert!(
+        server.switchboard.room("lobby").is_none(),
+        "nothing was applied"
+    );
+}
+
+#[tokio::test]
+async fn sids_of_other_transports_take_no_frames_here() {
+    let mut runtime = runtime_config();
+    // Push-only SSE: a way around `/sse/send` through `/poll/send` would
+    // let an SSE session send after all.
+    runtime.sse_client_frames = false;
+    let server = Server::with(builder().runtime_config(runtime)).await;
+    let forged = json!({"type": "join", "room": "lobby", "id": 1}).to_string();
+
+    let mut sse = server.sse("/sse?token=alice").await;
+    let sse_sid = sse.welcome().await;
+    server
+        .post(
+            &format!("/poll/send?sid={sse_sid}&token=alice"),
+            forged.clone(),
+        )
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    server
+        .get(&format!("/poll?sid={sse_sid}&ack=0&token=alice"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+
+    let (mut ws, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token=alice", server.addr)),
+    )
+    .await
+    .expect("WebSocket connect");
+    let welcome = within("the WebSocket welcome", ws.next())
+        .await
+        .expect("a welcome")
+        .expect("a message");
+    let welcome: Value = serde_json::from_str(welcome.to_text().expect("text")).expect("JSON");
+    let ws_sid = welcome["sid"].as_str().expect("a sid").to_owned();
+    server
+        .post(
+            &format!("/poll/send?sid={ws_sid}&token=alice"),
+            forged.clone(),
+        )
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+
+    // A long-poll sid works here, and nowhere else.
+    let mut poller = Poller::open(&server, Some("alice")).await;
+    poller.send(forged.clone()).await;
+    let (joined, _) = poller.until("joined").await;
+    assert_eq!(joined["room"], "lobby");
+    let room = server.switchboard.room("lobby").expect("the poller joined");
+    assert_eq!(room.sessions, 1, "only the long-poll session joined");
+    drop(ws);
+    drop(sse);
+}
+
+// ---- shutdown ---------------------------------------------------------------
+
+#[tokio::test]
+async fn polls_during_shutdown_fetch_the_close_and_shutdown_does_not_wait_out_its_timeout() {
+    let mut runtime = runtime_config();
+    // Both far longer than the test: shutdown returning shows it waited for
+    // neither the shutdown timeout nor the long-poll grace period.
+    runtime.poll_timeout = Duration::from_secs(600);
+    runtime.shutdown_timeout = Duration::from_secs(600);
+    let server = Server::with(builder().runtime_config(runtime)).await;
+    let mut waiting = Poller::open(&server, Some("alice")).await;
+    let mut late = Poller::open(&server, Some("bob")).await;
+    // `waiting` has a poll in flight when shutdown starts (give it a moment
+    // to reach the server; if it comes later it is answered alike).
+    let switchboard = server.switchboard.clone();
+    let shutdown = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        switchboard.shutdown().await;
+    });
+    let in_flight = within("the poll in flight", waiting.poll_raw(1)).await;
+    let going_away = json!({"type": "close", "code": 1001, "reason": "going_away"});
+    assert_eq!(in_flight.frames(), std::slice::from_ref(&going_away));
+    waiting.ack = 1;
+
+    // No new sessions, but the late poll still gets its queued close.
+    server
+        .post("/poll/open?token=carol", "")
+        .await
+        .assert_error(StatusCode::SERVICE_UNAVAILABLE, "server_full");
+    assert_eq!(late.poll().await, [going_away]);
+
+    within("shutdown to return", shutdown)
+        .await
+        .expect("shutdown does not panic");
+    for poller in [&mut waiting, &mut late] {
+        poller
+            .poll_raw(poller.ack)
+            .await
+            .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    }
 }

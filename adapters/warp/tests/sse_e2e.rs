@@ -8,11 +8,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common_http::{
-    builder, check_error, config, error_cases, eventually, get, ping_burst, within, KnownUsers,
-    Server, SseEvent, SseReader,
+    builder, check_error, config, error_cases, eventually, get, ping_burst, runtime_config,
+    send_on, within, KnownUsers, Poller, Server, SseEvent, SseReader,
 };
+use futures_util::StreamExt;
 use http::StatusCode;
 use serde_json::{json, Value};
+use switchboard_runtime::AllowOrigins;
 
 /// The `room~epoch~seq` cursor of one room.
 fn cursor_item(room: &str, epoch: &str, seq: u64) -> String {
@@ -564,4 +566,162 @@ async fn dropped_stream_frees_its_session() {
     let (left, _) = alice.until("presence").await;
     assert_eq!(left.data["action"], "leave");
     assert_eq!(left.data["user"], "bob");
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_closed_as_slow_consumer() {
+    let mut runtime = runtime_config();
+    runtime.max_outbound_bytes = 16 * 1024;
+    let server = Server::with(builder().runtime_config(runtime)).await;
+    // A small receive window, so the server's writes stall soon.
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let tcp = within("connect", socket.connect(server.addr))
+        .await
+        .expect("connect");
+    let request = get(&server.addr.to_string(), "/sse?rooms=lobby&token=alice");
+    let mut stream = SseReader::open(send_on(tcp, request).await);
+    stream.welcome().await;
+    joined(&mut stream, "lobby").await;
+
+    // The client stops reading; the server keeps publishing.
+    let switchboard = server.switchboard.clone();
+    let data = json!({"pad": "x".repeat(600)});
+    let published = within("the queue to overflow", async {
+        let mut published = 0u64;
+        while switchboard.metrics().slow_consumer_closes == 0 {
+            server.publish("lobby", data.clone()).await;
+            published += 1;
+            tokio::task::yield_now().await; // the writer writes what it can
+        }
+        published
+    })
+    .await;
+    assert_eq!(server.switchboard.metrics().sessions, 0);
+
+    // Reading again: what was written arrives in order, then the close, then
+    // the end of the stream; what was still queued was dropped.
+    let mut seqs = Vec::new();
+    let close = loop {
+        let event = stream.expect().await;
+        match event.kind() {
+            "message" => seqs.push(event.data["seq"].as_u64().expect("a seq")),
+            "close" => break event,
+            other => panic!("unexpected {other}: {:?}", event.data),
+        }
+    };
+    assert_eq!(
+        close.data,
+        json!({"type": "close", "code": 1013, "reason": "slow_consumer"})
+    );
+    assert!(stream.next().await.is_none(), "the stream ends after close");
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "in order, no gap"
+    );
+    assert!(
+        (seqs.len() as u64) < published,
+        "the queued rest was dropped"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_origin_is_403_forbidden() {
+    let server = Server::with(builder().origins(AllowOrigins::new(["https://app.example"]))).await;
+    let authority = server.addr.to_string();
+    let with_origin = |mut request: http::Request<_>, origin: &str| {
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("a header value"));
+        request
+    };
+    let open = |origin: &str| with_origin(get(&authority, "/sse?rooms=lobby&token=alice"), origin);
+    server
+        .fetch(open("https://evil.example"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    assert_eq!(server.switchboard.metrics().sessions, 0);
+    assert!(
+        server.switchboard.room("lobby").is_none(),
+        "nothing was joined"
+    );
+
+    // A listed origin and the server's own are let in.
+    let mut listed = server.sse_with(open("https://app.example")).await;
+    let sid = listed.welcome().await;
+    joined(&mut listed, "lobby").await;
+    let mut own = server.sse_with(open(&format!("http://{authority}"))).await;
+    own.welcome().await;
+
+    // A page of another origin cannot send on an open stream either.
+    let send = common_http::post(
+        &authority,
+        &format!("/sse/send?sid={sid}&token=alice"),
+        json!({"type": "publish", "room": "lobby", "data": "forged"}).to_string(),
+    );
+    server
+        .fetch(with_origin(send, "https://evil.example"))
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    server.publish("lobby", json!("real")).await;
+    let message = messages(&mut listed, 1).await;
+    assert_eq!(message[0].data["data"], "real");
+    assert_eq!(
+        message[0].data["seq"], 1,
+        "the forged publish took no effect"
+    );
+}
+
+#[tokio::test]
+async fn sids_of_other_transports_take_no_frames_here() {
+    let server = Server::start().await;
+    let forged = json!({"type": "join", "room": "lobby", "id": 1}).to_string();
+
+    let poller = Poller::open(&server, Some("alice")).await;
+    server
+        .post(
+            &format!("/sse/send?sid={}&token=alice", poller.sid),
+            forged.clone(),
+        )
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+
+    let (mut ws, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token=alice", server.addr)),
+    )
+    .await
+    .expect("WebSocket connect");
+    let welcome = within("the WebSocket welcome", ws.next())
+        .await
+        .expect("a welcome")
+        .expect("a message");
+    let welcome: Value = serde_json::from_str(welcome.to_text().expect("text")).expect("JSON");
+    let ws_sid = welcome["sid"].as_str().expect("a sid");
+    server
+        .post(
+            &format!("/sse/send?sid={ws_sid}&token=alice"),
+            forged.clone(),
+        )
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    assert!(
+        server.switchboard.room("lobby").is_none(),
+        "nothing was joined"
+    );
+
+    // An SSE sid works here.
+    let mut stream = server.sse("/sse?token=alice").await;
+    let sid = stream.welcome().await;
+    let reply = server
+        .post(&format!("/sse/send?sid={sid}&token=alice"), forged)
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    joined(&mut stream, "lobby").await;
+    assert_eq!(
+        server.switchboard.room("lobby").expect("joined").sessions,
+        1
+    );
+    drop(ws);
 }

@@ -8,10 +8,18 @@
 //! - `POST …/poll/send?sid=…` takes one client frame or an array.
 //!
 //! A second poll on the same sid ends the first one cleanly (it answers
-//! `[]`). Between polls the session is detached; the core closes it after the
-//! session idle time without a poll, and this transport then frees it. Every
-//! request is authenticated again, and a sid only works for the identity that
-//! opened it.
+//! `[]`). A poll arriving is the session's proof of life: between polls the
+//! session is detached, and the core closes it `idle` after the session idle
+//! time without a poll (never `heartbeat_timeout`); this transport then frees
+//! it. Every request is authenticated again, and a sid only works for the
+//! identity that opened it, and only on this transport's endpoints (not an
+//! SSE or WebSocket session's sid).
+//!
+//! What the client has not acknowledged counts against the session's
+//! outbound bound (`RuntimeConfig::max_outbound_bytes`) together with what is
+//! queued: a client that never acknowledges is closed as `slow_consumer`,
+//! like a stalled reader on the other transports, and its next poll answers
+//! `[close]`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,9 +27,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
-use switchboard_core::{ErrorCode, Liveness};
+use switchboard_core::{ErrorCode, FrameKind, Liveness};
 use switchboard_runtime::http_api;
-use switchboard_runtime::{query_param, Drained, OutFrame, Session, Switchboard};
+use switchboard_runtime::{query_param, OutFrame, Session, Switchboard};
 use tokio_util::sync::CancellationToken;
 
 /// The long-poll transport: holds the sessions between polls.
@@ -40,10 +48,30 @@ impl std::fmt::Debug for LongPoll {
 struct PollSession {
     session: Session,
     /// Frames of the last answer not yet acknowledged, then frames drained
-    /// since. A tokio Mutex: a poll holds it while it waits for frames.
+    /// since. Taken from the outbox "held", so their bytes count against the
+    /// outbound bound until acknowledged. A tokio Mutex: a poll holds it
+    /// while it waits for frames.
     pending: tokio::sync::Mutex<Vec<Arc<OutFrame>>>,
     /// Cancels the poll in progress when a newer one arrives.
     current: Mutex<CancellationToken>,
+    /// Cancelled once an answer carried the session's `close` frame.
+    close_sent: CancellationToken,
+}
+
+impl PollSession {
+    /// Drops the acknowledged frames of the last answer, and, once the
+    /// session overflowed, every frame but its `close`.
+    fn acknowledge(&self, pending: &mut Vec<Arc<OutFrame>>, ack: usize) {
+        let outbox = self.session.outbox();
+        let acked = ack.min(pending.len());
+        let bytes = pending.drain(..acked).map(|f| f.bytes.len()).sum();
+        outbox.release(bytes);
+        if outbox.overflowed() {
+            // Closed as slow_consumer: what was not delivered is dropped (the
+            // client recovers with `since`), only the `close` remains.
+            pending.retain(|f| f.kind == FrameKind::Close);
+        }
+    }
 }
 
 impl LongPoll {
@@ -91,12 +119,13 @@ impl LongPoll {
         };
         let sid = session.sid().as_str().to_owned();
         let mut welcome = Vec::new();
-        let _ = session.outbox().try_recv(&mut welcome);
+        let _ = session.outbox().try_recv_held(&mut welcome);
         session.detach();
         let poll = Arc::new(PollSession {
             session,
             pending: tokio::sync::Mutex::new(welcome.clone()),
             current: Mutex::new(CancellationToken::new()),
+            close_sent: CancellationToken::new(),
         });
         self.lock().insert(sid.clone(), Arc::clone(&poll));
         self.reap_when_ended(sid, &poll);
@@ -104,15 +133,28 @@ impl LongPoll {
     }
 
     /// Frees a session once the core has ended it, after one more poll
-    /// timeout so the client can still fetch its `close` frame.
+    /// timeout so the client can still fetch its `close` frame (and fetch it
+    /// again if that answer was lost). During shutdown the session is freed
+    /// as soon as an answer carried its `close`: the task runs on the
+    /// Switchboard's tracker, so [`Switchboard::shutdown`] waits for long-poll
+    /// clients to fetch their `close` (up to its `shutdown_timeout`) but not
+    /// for the rest of the grace period.
     fn reap_when_ended(&self, sid: String, poll: &Arc<PollSession>) {
         let poll = Arc::clone(poll);
         let sessions = Arc::clone(&self.sessions);
         let grace = self.switchboard.runtime_config().poll_timeout;
+        let shutdown = self.switchboard.shutdown_token();
         self.switchboard.tasks().spawn(async move {
             poll.session.outbox().ended().await;
+            let close_sent = poll.close_sent.clone();
             drop(poll);
-            tokio::time::sleep(grace).await;
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = async {
+                    close_sent.cancelled().await;
+                    shutdown.cancelled().await;
+                } => {}
+            }
             sessions
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -120,42 +162,37 @@ impl LongPoll {
         });
     }
 
+    /// This transport's session with `sid`, if it belongs to `user`.
+    fn find(&self, sid: &str, user: &str) -> Option<Arc<PollSession>> {
+        self.lock()
+            .get(sid)
+            .filter(|p| p.session.identity().user.as_str() == user)
+            .cloned()
+    }
+
     /// `GET …/poll?sid=…&ack=n`.
     pub async fn poll<B>(&self, request: Request<B>) -> Response<Bytes> {
         let (parts, _body) = request.into_parts();
-        // Authenticated again on every poll, but the sid is looked up among
-        // this transport's sessions, not in the core (`http_api::session_of`):
-        // a session the core has just closed (idle, heartbeat_timeout,
-        // too_many_errors) is already gone from the core while its `close`
-        // frame still waits here for the client. Looking it up in the core
-        // answered that poll 403 and the client never learned why it was closed.
-        let identity = match self.switchboard.admit(&parts).await {
+        // Authenticated again on every poll (`identify`, not `admit`: during
+        // shutdown a session must still fetch its `close`), and the sid is
+        // looked up among this transport's sessions, not in the core: a
+        // session the core has just closed (idle, too_many_errors, shutdown)
+        // is already gone from the core while its `close` frame still waits
+        // here for the client.
+        let identity = match self.switchboard.identify(&parts).await {
             Ok(identity) => identity,
             Err(refusal) => {
                 return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
             }
         };
-        let query = parts.uri.query().unwrap_or("");
-        let Some(sid) = query_param(query, "sid") else {
-            return http_api::error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidFrame,
-                "missing `sid`",
-            );
+        let sid = match http_api::sid_param(&parts) {
+            Ok(sid) => sid,
+            Err(response) => return response,
         };
-        let Some(poll) = self
-            .lock()
-            .get(&sid)
-            .cloned()
-            .filter(|p| p.session.identity().user.as_str() == identity.user.as_str())
-        else {
-            return http_api::error(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                "no session of yours with that sid",
-            );
+        let Some(poll) = self.find(&sid, identity.user.as_str()) else {
+            return http_api::no_such_session();
         };
-        let ack: usize = query_param(query, "ack")
+        let ack: usize = query_param(parts.uri.query().unwrap_or(""), "ack")
             .and_then(|a| a.parse().ok())
             .unwrap_or(0);
 
@@ -170,47 +207,73 @@ impl LongPoll {
         if mine.is_cancelled() {
             return answer(&[]); // an even newer poll arrived while this one queued
         }
-        let acked = ack.min(pending.len());
-        pending.drain(..acked);
-        if pending.is_empty() && poll.session.outbox().is_ended() {
-            let _: Option<Drained> = poll.session.outbox().try_recv(&mut pending);
+        let outbox = poll.session.outbox();
+        poll.acknowledge(&mut pending, ack);
+        if pending.is_empty() && outbox.is_ended() {
+            let _ = outbox.try_recv_held(&mut pending);
+            poll.acknowledge(&mut pending, 0);
             if pending.is_empty() {
                 // The client has acknowledged the `close` frame: the session
                 // is over, and further polls are refused like unknown sids
                 // (rather than answered `[]` at once, over and over).
                 drop(pending);
                 self.lock().remove(&sid);
-                return http_api::error(
-                    StatusCode::FORBIDDEN,
-                    ErrorCode::Forbidden,
-                    "no session of yours with that sid",
-                );
+                return http_api::no_such_session();
             }
         }
         let attached = Attached::new(&poll.session);
         let timeout = self.switchboard.runtime_config().poll_timeout;
         if pending.is_empty() {
             tokio::select! {
-                _ = poll.session.outbox().recv(&mut pending) => {}
+                _ = outbox.recv_held(&mut pending) => {}
                 () = tokio::time::sleep(timeout) => {}
                 () = mine.cancelled() => return answer(&[]),
             }
         }
         // Frames that arrived meanwhile go out in the same answer.
-        let _: Option<Drained> = poll.session.outbox().try_recv(&mut pending);
+        let _ = outbox.try_recv_held(&mut pending);
+        poll.acknowledge(&mut pending, 0);
         drop(attached);
         let response = answer(&pending);
+        if pending.last().is_some_and(|f| f.kind == FrameKind::Close) {
+            poll.close_sent.cancel();
+        }
         poll.session.count_written(response.body().len());
         response
     }
 
-    /// `POST …/poll/send?sid=…`.
+    /// `POST …/poll/send?sid=…`: applies the body's frames to this
+    /// transport's session `sid` (see [`http_api::apply_frames`]). A sid of
+    /// another transport's session is refused like an unknown one.
     pub async fn send<B>(&self, request: Request<B>) -> Response<Bytes>
     where
         B: Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        http_api::send(&self.switchboard, request).await
+        if request.method() != Method::POST {
+            return http_api::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidFrame,
+                "use POST",
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let identity = match self.switchboard.identify(&parts).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
+            }
+        };
+        let sid = match http_api::sid_param(&parts) {
+            Ok(sid) => sid,
+            Err(response) => return response,
+        };
+        match self.find(&sid, identity.user.as_str()) {
+            Some(poll) if !poll.session.outbox().is_ended() => {
+                http_api::apply_frames(&poll.session, body).await
+            }
+            _ => http_api::no_such_session(),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP publish API of PROTOCOL.md, written against `http` types so every
 //! adapter mounts the same handler: `POST …/api/publish` and `POST …/api/direct`
-//! for backends in any language, and `GET …/metrics`.
+//! for backends in any language, and `GET …/metrics`; plus the pieces the SSE
+//! and long-poll transports share ([`apply_frames`], [`error`]).
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -10,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use switchboard_core::ErrorCode;
 
-use crate::Switchboard;
+use crate::{Session, Switchboard};
 
 /// Which HTTP publish API call a request is, by its path's last segments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,22 +73,9 @@ where
         }
     }
     let limit = switchboard.config().max_frame_bytes;
-    let body = match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::FrameTooLarge,
-                &format!("body larger than {limit} bytes"),
-            )
-        }
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidJson,
-                "could not read the body",
-            )
-        }
+    let body = match read_body(request.into_body(), limit).await {
+        Ok(body) => body,
+        Err(response) => return response,
     };
     match call {
         ApiCall::Publish => publish(switchboard, &body).await,
@@ -208,55 +196,30 @@ fn failure(e: &crate::Error) -> Response<Bytes> {
     error(status, e.code(), &e.to_string())
 }
 
-/// Bytes a `send` body may hold: a few frames' worth. Each frame is still held
-/// to `max_frame_bytes` and the rate limit by the core.
-fn send_body_limit(switchboard: &Switchboard) -> usize {
-    switchboard.config().max_frame_bytes.saturating_mul(4)
-}
-
-/// `POST …/send?sid=…` of the SSE and long-poll transports: the body is one
-/// client frame or a JSON array of frames, applied in order to the session
-/// `sid`, which must belong to the requester's identity. Replies (acks,
-/// errors) travel on the session's stream or poll, like over WebSocket;
-/// this answers `202 {"accepted": n}` once they are applied.
-pub async fn send<B>(switchboard: &Switchboard, request: Request<B>) -> Response<Bytes>
+/// Applies a `send` body to `session`, for the SSE and long-poll transports
+/// (`POST …/sse/send`, `POST …/poll/send`), once the transport has found the
+/// session among its own (a sid only takes client frames through the
+/// transport that opened it, for the identity that opened it).
+///
+/// The body is one client frame or a JSON array of frames, applied in
+/// order; it may hold up to 4 × `max_frame_bytes` (413 `frame_too_large`
+/// beyond), and each frame is still held to `max_frame_bytes` and the rate
+/// limit by the core. Replies (acks, errors) travel on the session's stream
+/// or poll, like over WebSocket; this answers `202 {"accepted": n}` once
+/// they are applied.
+pub async fn apply_frames<B>(session: &Session, body: B) -> Response<Bytes>
 where
     B: Body,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    if request.method() != Method::POST {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::InvalidFrame,
-            "use POST",
-        );
-    }
-    let (parts, body) = request.into_parts();
-    let key = match session_of(switchboard, &parts).await {
-        Ok(key) => key,
+    let limit = session.max_frame_bytes().saturating_mul(4);
+    let body = match read_body(body, limit).await {
+        Ok(body) => body,
         Err(response) => return response,
-    };
-    let limit = send_body_limit(switchboard);
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorCode::FrameTooLarge,
-                &format!("body larger than {limit} bytes"),
-            )
-        }
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidJson,
-                "could not read the body",
-            )
-        }
     };
     let frames = split_frames(&body);
     for frame in &frames {
-        switchboard.handle_frame(key, frame).await;
+        session.handle_frame(frame).await;
     }
     json(
         StatusCode::ACCEPTED,
@@ -264,37 +227,58 @@ where
     )
 }
 
-/// The session named by the request's `sid` query parameter, if it is open
-/// and belongs to the requester (authenticated again on every request).
-/// Refusals answer 403 alike for unknown and foreign sids, so a request
-/// cannot probe which sids exist.
+/// Reads a request body of at most `limit` bytes.
 ///
 /// # Errors
-/// The response to send instead.
-pub async fn session_of(
-    switchboard: &Switchboard,
-    parts: &http::request::Parts,
-) -> Result<switchboard_core::SessionKey, Response<Bytes>> {
-    let identity = switchboard
-        .admit(parts)
-        .await
-        .map_err(|refusal| error(refusal.http_status(), refusal.code, &refusal.message))?;
-    let sid = crate::query_param(parts.uri.query().unwrap_or(""), "sid").ok_or_else(|| {
+/// The response to send instead: 413 `frame_too_large` past `limit`, 400
+/// `invalid_json` when the body could not be read.
+// The error is the finished answer, returned straight away (see `parse`).
+#[allow(clippy::result_large_err)]
+pub async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, Response<Bytes>>
+where
+    B: Body,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::FrameTooLarge,
+            &format!("body larger than {limit} bytes"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidJson,
+            "could not read the body",
+        )),
+    }
+}
+
+/// The answer to a request naming a sid that is unknown, closed, of
+/// another transport or of another identity: 403 `forbidden` alike, so a
+/// request cannot probe which sids exist.
+#[must_use]
+pub fn no_such_session() -> Response<Bytes> {
+    error(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        "no session of yours with that sid",
+    )
+}
+
+/// The `sid` query parameter of a request on an existing session.
+///
+/// # Errors
+/// 400 `invalid_frame` when it is missing.
+#[allow(clippy::result_large_err)]
+pub fn sid_param(parts: &http::request::Parts) -> Result<String, Response<Bytes>> {
+    crate::query_param(parts.uri.query().unwrap_or(""), "sid").ok_or_else(|| {
         error(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidFrame,
             "missing `sid`",
         )
-    })?;
-    switchboard
-        .find_session(&sid, identity.user.as_str())
-        .ok_or_else(|| {
-            error(
-                StatusCode::FORBIDDEN,
-                ErrorCode::Forbidden,
-                "no session of yours with that sid",
-            )
-        })
+    })
 }
 
 /// One frame, or each element of a JSON array of frames, as raw bytes.

@@ -46,6 +46,12 @@ impl OutFrame {
 /// progress go out together in the next write. When a push would pass the
 /// bound the session is closed as `slow_consumer`: what is queued is dropped
 /// (the client recovers through `since`) and only the `close` frame remains.
+///
+/// A transport that keeps frames after taking them, until the client
+/// acknowledges them (long-poll's resend buffer), takes them with
+/// [`Outbox::recv_held`] or [`Outbox::try_recv_held`]: their bytes keep
+/// counting against the bound until [`Outbox::release`], so what the client
+/// has not acknowledged plus what is queued never passes it.
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
@@ -58,7 +64,10 @@ pub struct Outbox {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Arc<OutFrame>>,
+    /// Bytes of `frames`.
     bytes: usize,
+    /// Bytes of frames taken with `*_held` and not yet released.
+    held: usize,
     overflowed: bool,
     closed: Option<CloseReason>,
 }
@@ -100,10 +109,12 @@ impl Outbox {
             return false;
         }
         let len = frame.bytes.len();
-        if !is_close && state.bytes + len > self.max_bytes {
+        if !is_close && state.bytes + state.held + len > self.max_bytes {
             state.overflowed = true;
             state.frames.clear();
             state.bytes = 0;
+            // The transport drops its held frames when it sees `overflowed`.
+            state.held = 0;
             return false;
         }
         let was_empty = state.frames.is_empty();
@@ -145,18 +156,54 @@ impl Outbox {
         self.lock().closed.is_some()
     }
 
-    /// Bytes queued now.
+    /// Bytes queued now (not counting held frames).
     #[must_use]
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
 
+    /// Bytes of frames taken with [`Outbox::recv_held`] or
+    /// [`Outbox::try_recv_held`] and not yet released.
+    #[must_use]
+    pub fn held_bytes(&self) -> usize {
+        self.lock().held
+    }
+
+    /// Whether the queue overflowed: the session is being closed as
+    /// `slow_consumer`, and a transport that holds frames drops them all but
+    /// the `close` frame (the client recovers through `since`).
+    #[must_use]
+    pub fn overflowed(&self) -> bool {
+        self.lock().overflowed
+    }
+
+    /// The client acknowledged `bytes` of held frames: they stop counting
+    /// against the bound.
+    pub fn release(&self, bytes: usize) {
+        let mut state = self.lock();
+        state.held = state.held.saturating_sub(bytes);
+    }
+
     /// Moves everything queued into `batch` without waiting; `None` when there
     /// was nothing and the session goes on.
     pub fn try_recv(&self, batch: &mut Vec<Arc<OutFrame>>) -> Option<Drained> {
+        self.take(batch, false)
+    }
+
+    /// [`Outbox::try_recv`] for a transport that holds the frames until the
+    /// client acknowledges them: their bytes count against the bound until
+    /// [`Outbox::release`].
+    pub fn try_recv_held(&self, batch: &mut Vec<Arc<OutFrame>>) -> Option<Drained> {
+        self.take(batch, true)
+    }
+
+    fn take(&self, batch: &mut Vec<Arc<OutFrame>>, hold: bool) -> Option<Drained> {
         let mut state = self.lock();
         let had = !state.frames.is_empty();
         batch.extend(state.frames.drain(..));
+        if hold {
+            state.held += state.bytes;
+        }
         state.bytes = 0;
         match state.closed {
             Some(reason) => Some(Drained::Closed(reason)),
@@ -168,12 +215,85 @@ impl Outbox {
     /// Waits until frames are queued or the session is over, then moves
     /// everything queued into `batch`.
     pub async fn recv(&self, batch: &mut Vec<Arc<OutFrame>>) -> Drained {
+        self.wait_take(batch, false).await
+    }
+
+    /// [`Outbox::recv`] for a transport that holds the frames until the
+    /// client acknowledges them (see [`Outbox::try_recv_held`]).
+    pub async fn recv_held(&self, batch: &mut Vec<Arc<OutFrame>>) -> Drained {
+        self.wait_take(batch, true).await
+    }
+
+    async fn wait_take(&self, batch: &mut Vec<Arc<OutFrame>>, hold: bool) -> Drained {
         loop {
             let notified = self.ready.notified();
-            if let Some(drained) = self.try_recv(batch) {
+            if let Some(drained) = self.take(batch, hold) {
                 return drained;
             }
             notified.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(len: usize, kind: FrameKind) -> Arc<OutFrame> {
+        Arc::new(OutFrame::new(Bytes::from(vec![b' '; len]), kind))
+    }
+
+    #[test]
+    fn drained_frames_leave_the_bound() {
+        let outbox = Outbox::new(100);
+        let mut batch = Vec::new();
+        for _ in 0..10 {
+            assert!(outbox.push(&frame(60, FrameKind::Direct)));
+            assert_eq!(outbox.try_recv(&mut batch), Some(Drained::Frames));
+        }
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert!(!outbox.overflowed());
+    }
+
+    #[test]
+    fn held_frames_count_against_the_bound_until_released() {
+        let outbox = Outbox::new(100);
+        let mut held = Vec::new();
+        assert!(outbox.push(&frame(60, FrameKind::Direct)));
+        assert_eq!(outbox.try_recv_held(&mut held), Some(Drained::Frames));
+        assert_eq!((outbox.queued_bytes(), outbox.held_bytes()), (0, 60));
+        // 60 held + 30 queued fits; 10 more would not.
+        assert!(outbox.push(&frame(30, FrameKind::Direct)));
+        outbox.release(60);
+        assert_eq!(outbox.held_bytes(), 0);
+        assert!(
+            outbox.push(&frame(60, FrameKind::Direct)),
+            "released bytes are free"
+        );
+        assert!(!outbox.overflowed());
+    }
+
+    #[test]
+    fn never_releasing_overflows_and_drops_everything_but_close() {
+        let outbox = Outbox::new(100);
+        let mut held = Vec::new();
+        assert!(outbox.push(&frame(60, FrameKind::Direct)));
+        outbox.try_recv_held(&mut held);
+        assert!(!outbox.push(&frame(60, FrameKind::Direct)));
+        assert!(outbox.overflowed());
+        assert_eq!((outbox.queued_bytes(), outbox.held_bytes()), (0, 0));
+        assert!(
+            !outbox.push(&frame(1, FrameKind::Direct)),
+            "closed to all but close"
+        );
+        assert!(outbox.push(&frame(40, FrameKind::Close)));
+        outbox.close(CloseReason::SlowConsumer);
+        let mut rest = Vec::new();
+        assert_eq!(
+            outbox.try_recv_held(&mut rest),
+            Some(Drained::Closed(CloseReason::SlowConsumer))
+        );
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].kind, FrameKind::Close);
     }
 }

@@ -35,7 +35,9 @@ pub struct RuntimeConfig {
     /// How long one write to a client may take before the connection is
     /// dropped. Default 10 s.
     pub write_timeout: Duration,
-    /// How long [`Switchboard::shutdown`] waits for sessions to flush. Default 5 s.
+    /// How long [`Switchboard::shutdown`] waits for sessions to flush (for
+    /// writers to write their `close`, for long-poll clients to fetch theirs).
+    /// Default 5 s.
     pub shutdown_timeout: Duration,
     /// How long a long-poll waits for frames before answering `[]`. Default 25 s.
     pub poll_timeout: Duration,
@@ -347,7 +349,7 @@ impl Shared {
 
     /// Applies a client frame and performs the broker work it produced
     /// before returning, so the session's next frame comes after it.
-    async fn handle_frame(self: &Arc<Self>, key: SessionKey, sid: Option<&Sid>, frame: &[u8]) {
+    async fn handle_frame(self: &Arc<Self>, key: SessionKey, sid: &Sid, frame: &[u8]) {
         self.wire.add_in(frame.len());
         let (result, work) = self.run_collect(|inner, now| inner.hub.handle_frame(now, key, frame));
         if let Err(e) = result {
@@ -654,6 +656,19 @@ impl Switchboard {
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(shutting_down());
         }
+        self.identify(request).await
+    }
+
+    /// Checks a request that continues a session the transport already
+    /// holds (a long-poll, a `send`): its origin, then its credentials, as
+    /// [`Switchboard::admit`] does, but also while shutting down, so that a
+    /// session can still fetch the frames queued for it (its `close`) during
+    /// the shutdown grace period. The transport then checks that the session
+    /// belongs to the returned identity.
+    ///
+    /// # Errors
+    /// The [`Refusal`] to send (`forbidden`).
+    pub async fn identify(&self, request: &http::request::Parts) -> Result<Identity, Refusal> {
         if !self.shared.origins.allows(request).await {
             return Err(Refusal::forbidden("origin not allowed"));
         }
@@ -692,22 +707,6 @@ impl Switchboard {
             outbox,
             shared: Arc::clone(&self.shared),
         })
-    }
-
-    /// Applies one client frame to the session `key` (found with
-    /// [`Switchboard::find_session`]), for transports whose client frames
-    /// arrive on a request of their own (SSE and long-poll `send`).
-    pub async fn handle_frame(&self, key: SessionKey, frame: &[u8]) {
-        self.shared.handle_frame(key, None, frame).await;
-    }
-
-    /// The open session with this sid, if it belongs to `user`: the check that
-    /// makes a sid useless to anyone but the identity that opened it.
-    #[must_use]
-    pub fn find_session(&self, sid: &str, user: &str) -> Option<SessionKey> {
-        let inner = self.shared.lock();
-        let key = inner.hub.session_by_sid(sid)?;
-        (inner.hub.identity(key)?.user.as_str() == user).then_some(key)
     }
 }
 
@@ -763,6 +762,11 @@ impl Session {
         &self.outbox
     }
 
+    /// The core's `max_frame_bytes`.
+    pub(crate) fn max_frame_bytes(&self) -> usize {
+        self.shared.lock().hub.config().max_frame_bytes
+    }
+
     /// How long one write may take (from [`RuntimeConfig`]).
     #[must_use]
     pub fn write_timeout(&self) -> Duration {
@@ -775,9 +779,7 @@ impl Session {
     /// With a broker, returns once the broker has acted on the frame, so
     /// the session's next frame is applied after it.
     pub async fn handle_frame(&self, frame: &[u8]) {
-        self.shared
-            .handle_frame(self.key, Some(&self.sid), frame)
-            .await;
+        self.shared.handle_frame(self.key, &self.sid, frame).await;
     }
 
     /// Counts bytes the transport wrote, for metrics.

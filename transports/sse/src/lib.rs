@@ -9,21 +9,31 @@
 //! resumes with no loss and no duplicate. `since=<cursor>` in the query does
 //! the same for clients that track it by hand.
 //!
-//! Client frames go to `POST …/sse/send?sid=…` ([`send`]), which a
+//! Client frames go to `POST …/sse/send?sid=…` ([`Sse::send`]), which a
 //! deployment can turn off for server-push-only use
-//! (`RuntimeConfig::sse_client_frames`). SSE sessions cannot answer pings, so
-//! the core sends keepalives instead, written as `: ping` comment lines, and a
-//! dead connection is noticed when a write fails.
+//! (`RuntimeConfig::sse_client_frames`). Only the sid of a stream this
+//! transport serves is accepted there (not a long-poll or WebSocket
+//! session's), for the identity that opened it. SSE sessions cannot answer
+//! pings, so the core sends keepalives instead, written as `: ping` comment
+//! lines, and a dead connection is noticed when a write fails.
+//!
+//! ```no_run
+//! # async fn demo(request: http::Request<()>) -> Result<(), Box<dyn std::error::Error>> {
+//! let switchboard = switchboard_runtime::Switchboard::builder().build()?;
+//! let sse = switchboard_sse::Sse::new(switchboard);
+//! let response = sse.handle(request).await; // GET …/sse
+//! # Ok(()) }
+//! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{self, Stream, StreamExt};
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use switchboard_core::{ErrorCode, FrameKind, Liveness};
 use switchboard_runtime::http_api;
@@ -137,70 +147,170 @@ impl Cursor {
     }
 }
 
-/// Answers `GET …/sse?rooms=a,b[&since=cursor]`: admits the client, opens a
-/// session, joins the rooms (with `since` from `Last-Event-ID` or the query)
-/// and streams its frames until either side ends it.
-pub async fn handle<B>(switchboard: &Switchboard, request: Request<B>) -> Response<SseBody> {
-    let (parts, _body) = request.into_parts();
-    let identity = match switchboard.admit(&parts).await {
-        Ok(identity) => identity,
-        Err(refusal) => return refuse(refusal.http_status(), refusal.code, &refusal.message),
-    };
-    let session = match switchboard.open(identity, Liveness::Transport) {
-        Ok(session) => session,
-        Err(refusal) => return refuse(refusal.http_status(), refusal.code, &refusal.message),
-    };
-    let query = parts.uri.query().unwrap_or("");
-    let cursor = parts
-        .headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| query_param(query, "since"))
-        .map(|text| Cursor::parse(&text))
-        .unwrap_or_default();
-    let rooms = query_param(query, "rooms").unwrap_or_default();
-    let mut seen = std::collections::HashSet::new();
-    for room in rooms.split(',').filter(|r| !r.is_empty()) {
-        if !seen.insert(room) {
-            continue;
-        }
-        // Joined as if the client had sent it: same validation, policy and limits.
-        let join = match cursor.get(room) {
-            Some((epoch, seq)) => {
-                serde_json::json!({"type": "join", "room": room, "since": {"seq": seq, "epoch": epoch}})
-            }
-            None => serde_json::json!({"type": "join", "room": room}),
-        };
-        session.handle_frame(join.to_string().as_bytes()).await;
-    }
-
-    let mut response = Response::new(stream_session(session, cursor));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // nginx buffers proxied responses unless told not to.
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+/// The SSE transport: serves streams, and takes client frames for the
+/// sessions of its own streams. Cheap to clone; mount one for both routes.
+#[derive(Clone)]
+pub struct Sse {
+    switchboard: Switchboard,
+    /// The sessions of the open streams, by sid. Weak: the stream owns its
+    /// session, and dropping the stream ends it.
+    sessions: Arc<Mutex<HashMap<String, Weak<Session>>>>,
 }
 
-/// Answers `POST …/sse/send?sid=…`, unless client frames are turned off.
-pub async fn send<B>(switchboard: &Switchboard, request: Request<B>) -> Response<Bytes>
-where
-    B: Body,
-    B::Error: std::error::Error + Send + Sync + 'static,
-{
-    if !switchboard.runtime_config().sse_client_frames {
-        return http_api::error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            "this server takes no client frames over SSE (server push only)",
-        );
+impl std::fmt::Debug for Sse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sse").finish_non_exhaustive()
     }
-    http_api::send(switchboard, request).await
+}
+
+impl Sse {
+    /// An SSE transport for `switchboard`.
+    #[must_use]
+    pub fn new(switchboard: Switchboard) -> Self {
+        Self {
+            switchboard,
+            sessions: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Streams open now (for tests and metrics).
+    #[must_use]
+    pub fn session_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    // A std Mutex: only map lookups happen under it, nothing awaits.
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Weak<Session>>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Answers `GET …/sse?rooms=a,b[&since=cursor]`: admits the client, opens
+    /// a session, joins the rooms (with `since` from `Last-Event-ID` or the
+    /// query) and streams its frames until either side ends it.
+    pub async fn handle<B>(&self, request: Request<B>) -> Response<SseBody> {
+        let switchboard = &self.switchboard;
+        let (parts, _body) = request.into_parts();
+        let identity = match switchboard.admit(&parts).await {
+            Ok(identity) => identity,
+            Err(refusal) => return refuse(refusal.http_status(), refusal.code, &refusal.message),
+        };
+        let session = match switchboard.open(identity, Liveness::Transport) {
+            Ok(session) => Arc::new(session),
+            Err(refusal) => return refuse(refusal.http_status(), refusal.code, &refusal.message),
+        };
+        let registration = Registration::new(&self.sessions, &session);
+        let query = parts.uri.query().unwrap_or("");
+        let cursor = parts
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| query_param(query, "since"))
+            .map(|text| Cursor::parse(&text))
+            .unwrap_or_default();
+        let rooms = query_param(query, "rooms").unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        for room in rooms.split(',').filter(|r| !r.is_empty()) {
+            if !seen.insert(room) {
+                continue;
+            }
+            // Joined as if the client had sent it: same validation, policy and limits.
+            let join = match cursor.get(room) {
+                Some((epoch, seq)) => {
+                    serde_json::json!({"type": "join", "room": room, "since": {"seq": seq, "epoch": epoch}})
+                }
+                None => serde_json::json!({"type": "join", "room": room}),
+            };
+            session.handle_frame(join.to_string().as_bytes()).await;
+        }
+
+        let mut response = Response::new(stream_session(session, registration, cursor));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        // nginx buffers proxied responses unless told not to.
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        response
+    }
+
+    /// Answers `POST …/sse/send?sid=…` (see
+    /// [`http_api::apply_frames`]), unless client frames are turned off
+    /// (403 `forbidden`). `sid` must be one of this transport's streams,
+    /// opened by the requester: any other sid (unknown, closed, another
+    /// identity's, a long-poll or WebSocket session's) answers 403
+    /// `forbidden` alike.
+    pub async fn send<B>(&self, request: Request<B>) -> Response<Bytes>
+    where
+        B: Body,
+        B::Error: std::error::Error + Send + Sync + 'static,
+    {
+        if !self.switchboard.runtime_config().sse_client_frames {
+            return http_api::error(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                "this server takes no client frames over SSE (server push only)",
+            );
+        }
+        if request.method() != Method::POST {
+            return http_api::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidFrame,
+                "use POST",
+            );
+        }
+        let (parts, body) = request.into_parts();
+        let identity = match self.switchboard.identify(&parts).await {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
+            }
+        };
+        let sid = match http_api::sid_param(&parts) {
+            Ok(sid) => sid,
+            Err(response) => return response,
+        };
+        let session = self.lock().get(&sid).and_then(Weak::upgrade).filter(|s| {
+            s.identity().user.as_str() == identity.user.as_str() && !s.outbox().is_ended()
+        });
+        match session {
+            Some(session) => http_api::apply_frames(&session, body).await,
+            None => http_api::no_such_session(),
+        }
+    }
+}
+
+/// A stream's entry in [`Sse`]'s map, removed when the stream ends.
+struct Registration {
+    sid: String,
+    sessions: Weak<Mutex<HashMap<String, Weak<Session>>>>,
+}
+
+impl Registration {
+    fn new(sessions: &Arc<Mutex<HashMap<String, Weak<Session>>>>, session: &Arc<Session>) -> Self {
+        let sid = session.sid().as_str().to_owned();
+        sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(sid.clone(), Arc::downgrade(session));
+        Self {
+            sid,
+            sessions: Arc::downgrade(sessions),
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(sessions) = self.sessions.upgrade() {
+            sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.sid);
+        }
+    }
 }
 
 fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response<SseBody> {
@@ -215,16 +325,18 @@ fn refuse(status: StatusCode, code: ErrorCode, message: &str) -> Response<SseBod
 }
 
 struct StreamState {
-    session: Session,
+    session: Arc<Session>,
+    _registration: Registration,
     batch: Vec<Arc<OutFrame>>,
     cursor: Cursor,
     first: bool,
     done: bool,
 }
 
-fn stream_session(session: Session, cursor: Cursor) -> SseBody {
+fn stream_session(session: Arc<Session>, registration: Registration, cursor: Cursor) -> SseBody {
     let state = StreamState {
         session,
+        _registration: registration,
         batch: Vec::new(),
         cursor,
         first: true,

@@ -1,0 +1,201 @@
+//! The `switchboard` binary itself: its flags, and its shutdown.
+//!
+//! Each test runs the built binary (`CARGO_BIN_EXE_switchboard`); processes
+//! are killed on drop, so a failing test leaves nothing running. Every wait is
+//! bounded by [`WAIT`]; nothing asserts on timing.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest any one wait may take.
+const WAIT: Duration = Duration::from_secs(30);
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {WAIT:?}: {what}"),
+    }
+}
+
+#[test]
+fn help_lists_the_poll_shutdown_and_push_only_flags_with_defaults() {
+    let output = Command::new(BIN)
+        .arg("--help")
+        .output()
+        .expect("run switchboard --help");
+    assert!(output.status.success(), "{output:?}");
+    let help = String::from_utf8(output.stdout).expect("help is UTF-8");
+    // Each flag with its doc text and its default, as clap prints them.
+    let expected: [(&str, &str, Option<&str>); 3] = [
+        (
+            "--poll-timeout-ms",
+            "long-poll waits for frames",
+            Some("[default: 25000]"),
+        ),
+        ("--shutdown-timeout-ms", "shutdown", Some("[default: 5000]")),
+        ("--sse-push-only", "server push only", None),
+    ];
+    // One entry per option: its line and the indented lines after it, with
+    // whitespace collapsed (clap may wrap the text).
+    let mut entries: Vec<String> = Vec::new();
+    for line in help.lines() {
+        let line = line.trim();
+        match entries.last_mut() {
+            Some(entry) if !line.starts_with('-') => {
+                entry.push(' ');
+                entry.push_str(line);
+            }
+            _ => entries.push(line.to_owned()),
+        }
+    }
+    let entries: Vec<String> = entries
+        .iter()
+        .map(|e| e.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    for (flag, doc, default) in expected {
+        let entry = entries
+            .iter()
+            .find(|entry| entry.starts_with(flag) || entry.contains(&format!(", {flag}")))
+            .unwrap_or_else(|| panic!("{flag} is missing from --help:\n{help}"));
+        assert!(entry.contains(doc), "{flag} lacks its doc text: {entry}");
+        if let Some(default) = default {
+            assert!(entry.contains(default), "{flag} lacks {default}: {entry}");
+        }
+    }
+}
+
+/// A `switchboard` child; killed on drop.
+struct Node {
+    child: Child,
+    port: u16,
+}
+
+impl Node {
+    fn start(args: &[&str]) -> Self {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        let child = Command::new(BIN)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--auth", "trust", "--api-key", "k"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start switchboard");
+        Self { child, port }
+    }
+
+    /// Waits until the server answers `GET /`.
+    async fn ready(&mut self) {
+        let port = self.port;
+        within("the server to answer", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("poll the child") {
+                    panic!("switchboard exited early: {status}");
+                }
+                if let Ok(mut tcp) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await {
+                    let request = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                    let mut answer = String::new();
+                    if tcp.write_all(request.as_bytes()).await.is_ok()
+                        && tcp.read_to_string(&mut answer).await.is_ok()
+                        && answer.contains("switchboard")
+                    {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Sends SIGINT, as Ctrl-C does.
+    fn interrupt(&self) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    async fn exited(&mut self) -> ExitStatus {
+        within("the server to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("poll the child") {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_ends_within_its_timeout_despite_a_stalled_client() {
+    // The shutdown timeout is far below WAIT: exiting within WAIT shows the
+    // stalled request did not hold the process.
+    let mut node = Node::start(&["--shutdown-timeout-ms", "300"]);
+    node.ready().await;
+
+    // A client that announces a body and never sends it: the request stays
+    // in flight, and a graceful shutdown with no bound waits for it forever.
+    let mut stalled = TcpStream::connect((Ipv4Addr::LOCALHOST, node.port))
+        .await
+        .expect("connect");
+    stalled
+        .write_all(
+            b"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"room\":",
+        )
+        .await
+        .expect("send the head");
+    // An SSE stream too, which shutdown closes with 1001.
+    let mut sse = TcpStream::connect((Ipv4Addr::LOCALHOST, node.port))
+        .await
+        .expect("connect");
+    sse.write_all(b"GET /sse?token=alice HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send the SSE request");
+    let mut seen = Vec::new();
+    within("the SSE welcome", async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("event: welcome") {
+            let n = sse.read(&mut buf).await.expect("read the stream");
+            assert!(n > 0, "the stream ended before its welcome");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+
+    node.interrupt();
+    within("the SSE close", async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("\"reason\":\"going_away\"") {
+            let n = sse.read(&mut buf).await.expect("read the stream");
+            assert!(n > 0, "the stream ended without its close");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let status = node.exited().await;
+    assert!(status.success(), "exit status {status}");
+    drop(stalled);
+}
