@@ -13,6 +13,13 @@
 //! Ordering: a session's live messages in a room start only after its join
 //! completes, with what it missed replayed first, then `joined`, then what
 //! arrived while the broker answered (held in the room's recent messages).
+//!
+//! After the broker connection comes back ([`Hub::begin_resync`]), each room
+//! with members here records their presence again and catches up with what
+//! it missed; when that cannot be replayed, the broker moves the room to a
+//! new epoch (one for the whole cluster) and the room's members here are
+//! told with an unasked `joined` carrying `recovered: false`, never left
+//! with a silent hole.
 
 use std::time::Duration;
 
@@ -72,8 +79,13 @@ pub enum BrokerRequest {
         /// The client waiting for the answer.
         reply: Reply,
     },
-    /// A session left a room (or closed): record `presence` if given, and
-    /// unsubscribe from the room's channel if `unsubscribe`. Nothing to report.
+    /// A session left a room (or closed, or its join was refused): record
+    /// `presence` if given, and unsubscribe from the room's channel if
+    /// `unsubscribe`. Nothing to report.
+    ///
+    /// A refused join undoes its presence here whether or not the broker
+    /// recorded it: the broker's presence must be idempotent per node (a
+    /// leave this node never joined changes nothing).
     Left {
         /// The room.
         room: RoomName,
@@ -100,6 +112,12 @@ pub enum BrokerRequest {
         /// The client waiting for the answer.
         reply: Reply,
     },
+    /// After a broker reconnect, for one room with members here: record
+    /// `present` again (the broker may have lost it: idempotent, and
+    /// announcing nothing), then fetch the room's state since
+    /// [`Resync::since`], letting the broker start a new epoch when that
+    /// cannot be replayed, and call [`Hub::complete_resync`].
+    Resync(Resync),
     /// Start receiving a channel (a session opened, or a user's first session).
     Subscribe(Channel),
     /// Stop receiving a channel.
@@ -135,6 +153,9 @@ pub struct PresenceNote {
     pub subject: Sid,
     /// Whether the room announces presence changes.
     pub announce: bool,
+    /// How long the room's history outlives its last member across the
+    /// cluster (its policy's `history_ttl`).
+    pub history_ttl: Duration,
 }
 
 /// A client frame waiting for the broker: who to answer, and how.
@@ -197,6 +218,9 @@ pub struct Resync {
     pub since: Option<(u64, Epoch)>,
     /// How long the room's history outlives its last message.
     pub history_ttl: Duration,
+    /// One note per user with a session in the room on this node, to record
+    /// again.
+    pub present: Vec<PresenceNote>,
 }
 
 /// A live message held while its room catches up.
@@ -272,12 +296,13 @@ impl Hub {
         let r = &mut self.rooms[rid];
         let first_tab = r.add_member(key, &user, presence);
         r.syncing.insert(key, since.as_ref().map(|s| s.seq));
+        let history_ttl = r.options.history_ttl;
         let note = first_tab.then_some(PresenceNote {
             user,
             subject: sid,
             announce: r.options.presence,
+            history_ttl,
         });
-        let history_ttl = r.options.history_ttl;
         self.sessions[key].rooms.insert(rid);
         self.request(BrokerRequest::Join {
             reply: Reply::new(key, id, Some(&room)),
@@ -386,6 +411,7 @@ impl Hub {
             user: user.clone(),
             subject: sid.clone(),
             announce: r.options.presence,
+            history_ttl: r.options.history_ttl,
         });
         let unsubscribe = r.members.is_empty();
         let room = r.name.clone();
@@ -675,63 +701,123 @@ impl Hub {
         self.deliver(recipients, frame, FrameKind::Direct);
     }
 
-    /// After a broker reconnect: every room with local members holds its
-    /// live messages and must catch up from `since`. Perform a
-    /// [`BrokerRequest::Join`]-like fetch for each and call
-    /// [`Hub::complete_resync`].
-    pub fn begin_resync(&mut self) -> Vec<Resync> {
-        self.rooms
-            .values_mut()
-            .filter(|r| !r.members.is_empty())
-            .map(|r| {
-                r.resync_buffer.get_or_insert_with(Vec::new);
-                Resync {
-                    room: r.name.clone(),
-                    since: (!r.epoch.as_str().is_empty()).then(|| (r.seq, r.epoch.clone())),
-                    history_ttl: r.options.history_ttl,
+    /// After a broker reconnect: every room with members here holds its live
+    /// messages and must catch up. Queues one [`BrokerRequest::Resync`] per
+    /// such room (in [`Hub::poll_output`]); returns how many.
+    pub fn begin_resync(&mut self) -> usize {
+        let mut requests = Vec::new();
+        for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
+            r.resync_buffer.get_or_insert_with(Vec::new);
+            let mut present: Vec<PresenceNote> = Vec::with_capacity(r.users.len());
+            let mut seen = std::collections::HashSet::with_capacity(r.users.len());
+            for key in r.members.keys() {
+                let Some(session) = self.sessions.get(*key) else {
+                    continue;
+                };
+                if seen.insert(&session.identity.user) {
+                    present.push(PresenceNote {
+                        user: session.identity.user.clone(),
+                        subject: session.sid.clone(),
+                        announce: r.options.presence,
+                        history_ttl: r.options.history_ttl,
+                    });
                 }
-            })
-            .collect()
+            }
+            requests.push(Resync {
+                room: r.name.clone(),
+                since: (!r.epoch.as_str().is_empty()).then(|| (r.seq, r.epoch.clone())),
+                history_ttl: r.options.history_ttl,
+                present,
+            });
+        }
+        let count = requests.len();
+        for resync in requests {
+            self.request(BrokerRequest::Resync(resync));
+        }
+        count
     }
 
-    /// Finishes a [`Resync`]: delivers what the room's members missed (or,
-    /// when the broker cannot replay it, moves the room to the broker's epoch
-    /// so clients see the epoch change instead of a silent hole), then the
-    /// messages held meanwhile.
+    /// Finishes a [`BrokerRequest::Resync`]: delivers what the room's members
+    /// missed, then the messages held meanwhile.
+    ///
+    /// When the broker could not replay it (`replay: None`: the history was
+    /// trimmed, or lost, and the broker started a new epoch) or could not be
+    /// asked (`Err`), the room's live members are sent `joined` again with
+    /// `recovered: false` (and the broker's position, when known), exactly
+    /// what a client that reconnects with a stale `since` gets, instead of a
+    /// silent hole.
     pub fn complete_resync(
         &mut self,
         now: Timestamp,
         room: &RoomName,
         state: Result<RoomSync, ()>,
     ) {
+        let _ = now;
         let Some(rid) = self.room_index.get(room.as_str()).copied() else {
             return;
         };
-        if let Ok(sync) = state {
-            match sync.replay {
-                Some(frames) => {
-                    for (seq, frame) in frames {
-                        self.deliver_live(rid, seq, &sync.epoch, frame, None);
-                    }
+        let mut position = None;
+        match state {
+            Ok(RoomSync {
+                replay: Some(frames),
+                epoch,
+                seq,
+                ..
+            }) => {
+                for (seq, frame) in frames {
+                    self.deliver_live(rid, seq, &epoch, frame, None);
                 }
-                None => {
-                    let r = &mut self.rooms[rid];
-                    r.history.clear();
-                    if r.epoch == sync.epoch {
-                        r.live_after.retain(|_, after| *after > sync.seq);
-                    } else {
-                        r.live_after.clear();
-                    }
-                    r.epoch = sync.epoch.clone();
-                    r.seq = sync.seq;
-                }
+                position = Some((seq, epoch));
             }
+            Ok(sync) => {
+                let r = &mut self.rooms[rid];
+                r.history.clear();
+                if r.epoch == sync.epoch {
+                    r.live_after.retain(|_, after| *after > sync.seq);
+                } else {
+                    r.live_after.clear();
+                }
+                r.epoch = sync.epoch.clone();
+                r.seq = sync.seq;
+                let members = r.options.presence.then_some(sync.users);
+                self.tell_reset(rid, members);
+                position = Some((sync.seq, sync.epoch));
+            }
+            Err(()) => self.tell_reset(rid, None),
         }
         let held = self.rooms[rid].resync_buffer.take().unwrap_or_default();
         for h in held {
-            self.deliver_live(rid, h.seq, &h.epoch, h.frame, h.exclude.as_ref());
+            // Published before the broker's answer, in an epoch it has since
+            // left (the messages of a history it just ended): not news.
+            let stale = position
+                .as_ref()
+                .is_some_and(|(seq, epoch)| h.epoch != *epoch && h.seq <= *seq);
+            if !stale {
+                self.deliver_live(rid, h.seq, &h.epoch, h.frame, h.exclude.as_ref());
+            }
         }
-        let _ = now;
+    }
+
+    /// Sends the live members of room `rid` an unasked `joined` with
+    /// `recovered: false` at the room's current position: what they had
+    /// may have a hole, and they must reload the room's state.
+    fn tell_reset(&mut self, rid: RoomId, members: Option<usize>) {
+        let r = &mut self.rooms[rid];
+        let frame = ServerFrame::Joined {
+            room: r.name.as_str(),
+            seq: r.seq,
+            epoch: r.epoch.as_str(),
+            recovered: Some(false),
+            members,
+        }
+        .encode();
+        let kind = FrameKind::Joined {
+            room: r.name.clone(),
+            seq: r.seq,
+            epoch: r.epoch.clone(),
+        };
+        let recipients = live_members(r, None, false, None);
+        self.deliver(recipients, frame, kind);
     }
 
     // ---- server-side sends in broker mode ----------------------------------
@@ -931,5 +1017,203 @@ mod tests {
         hub.complete_join(NOW, first_reply, answer(1));
         fan_out(&mut hub, 4);
         assert_eq!(seqs(&mut hub, &[first, second]), [vec![2, 3, 4], vec![4]]);
+    }
+
+    /// A room message `seq` of epoch `epoch` from the broker's fan-out.
+    fn fan_out_in(hub: &mut Hub, seq: u64, epoch: &str) {
+        let frame = Bytes::from(format!(
+            r#"{{"type":"message","seq":{seq},"epoch":"{epoch}"}}"#
+        ));
+        hub.handle_broker_message(NOW, "r", seq, &Epoch::from(epoch), frame, None);
+    }
+
+    /// What `key` got since the last call: `("message", seq, epoch)` and
+    /// `("joined", seq, epoch)` with the frame's text.
+    fn received(hub: &mut Hub, key: SessionKey) -> Vec<(&'static str, u64, String, String)> {
+        let mut got = Vec::new();
+        while let Some(output) = hub.poll_output() {
+            if let Output::Deliver(delivery) = output {
+                if !delivery.to.iter().any(|to| to == key) {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&delivery.frame).into_owned();
+                match delivery.kind {
+                    FrameKind::Message { seq, epoch, .. } => {
+                        got.push(("message", seq, epoch.as_str().to_owned(), text));
+                    }
+                    FrameKind::Joined { seq, epoch, .. } => {
+                        got.push(("joined", seq, epoch.as_str().to_owned(), text));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        got
+    }
+
+    /// The resync requests queued by [`Hub::begin_resync`].
+    fn resyncs(hub: &mut Hub) -> Vec<Resync> {
+        let mut out = Vec::new();
+        while let Some(output) = hub.poll_output() {
+            if let Output::Broker(BrokerRequest::Resync(resync)) = output {
+                out.push(resync);
+            }
+        }
+        out
+    }
+
+    /// After a reconnect the broker cannot replay what the node missed (its
+    /// history was trimmed) and answers with a new epoch: the member is told
+    /// `recovered: false` at the broker's position, then gets what follows;
+    /// a message of the old epoch held meanwhile is not delivered after it.
+    #[test]
+    fn a_resync_that_cannot_replay_tells_members_recovered_false() {
+        let mut hub = hub();
+        let member = connect(&mut hub, "member");
+        let reply = join(&mut hub, member);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        fan_out(&mut hub, 2);
+        assert_eq!(seqs(&mut hub, &[member]), [vec![1, 2]]);
+
+        assert_eq!(hub.begin_resync(), 1);
+        let resync = resyncs(&mut hub).pop().expect("a resync request");
+        assert_eq!(resync.since, Some((2, Epoch::from("E"))));
+        // Held while the broker answers: one published before its answer,
+        // in the epoch it ends, one after, in the new one.
+        fan_out_in(&mut hub, 3, "E");
+        fan_out_in(&mut hub, 10, "F");
+        let sync = RoomSync {
+            seq: 9,
+            epoch: Epoch::from("F"),
+            users: 1,
+            replay: None,
+        };
+        hub.complete_resync(NOW, &resync.room, Ok(sync));
+        let got = received(&mut hub, member);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!((got[0].0, got[0].1, got[0].2.as_str()), ("joined", 9, "F"));
+        assert!(got[0].3.contains(r#""recovered":false"#), "{}", got[0].3);
+        assert_eq!(
+            (got[1].0, got[1].1, got[1].2.as_str()),
+            ("message", 10, "F")
+        );
+        // Live delivery goes on in the new epoch, duplicates dropped.
+        fan_out_in(&mut hub, 10, "F");
+        fan_out_in(&mut hub, 11, "F");
+        assert_eq!(seqs(&mut hub, &[member]), [vec![11]]);
+    }
+
+    /// When the broker cannot be asked at all, members are still told.
+    #[test]
+    fn a_resync_that_fails_tells_members_recovered_false() {
+        let mut hub = hub();
+        let member = connect(&mut hub, "member");
+        let reply = join(&mut hub, member);
+        hub.complete_join(NOW, reply, answer(0));
+        for seq in 1..=4 {
+            fan_out(&mut hub, seq);
+        }
+        assert_eq!(seqs(&mut hub, &[member]), [vec![1, 2, 3, 4]]);
+        hub.begin_resync();
+        let resync = resyncs(&mut hub).pop().expect("a resync request");
+        hub.complete_resync(NOW, &resync.room, Err(()));
+        let got = received(&mut hub, member);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!((got[0].0, got[0].1), ("joined", 4));
+        assert!(got[0].3.contains(r#""recovered":false"#), "{}", got[0].3);
+    }
+
+    /// A resync that replays: the missed messages, then the held ones, each
+    /// once, in order, and no `joined`.
+    #[test]
+    fn a_resync_that_replays_delivers_what_was_missed_once() {
+        let mut hub = hub();
+        let member = connect(&mut hub, "member");
+        let reply = join(&mut hub, member);
+        hub.complete_join(NOW, reply, answer(2));
+        hub.begin_resync();
+        let resync = resyncs(&mut hub).pop().expect("a resync request");
+        fan_out(&mut hub, 4);
+        fan_out(&mut hub, 5);
+        let frame = |seq: u64| Bytes::from(format!(r#"{{"seq":{seq}}}"#));
+        let sync = RoomSync {
+            seq: 4,
+            epoch: Epoch::from("E"),
+            users: 1,
+            replay: Some(vec![(3, frame(3)), (4, frame(4))]),
+        };
+        hub.complete_resync(NOW, &resync.room, Ok(sync));
+        let got = received(&mut hub, member);
+        let kinds: Vec<(&str, u64)> = got.iter().map(|g| (g.0, g.1)).collect();
+        assert_eq!(kinds, [("message", 3), ("message", 4), ("message", 5)]);
+    }
+
+    /// Each user with a session in the room is recorded again once, with
+    /// the room's options; a member still joining is not told of a reset.
+    #[test]
+    fn begin_resync_records_each_present_user_once() {
+        let mut hub = hub();
+        let tab1 = hub
+            .connect(NOW, Sid::from("t1"), Identity::new("ann"), Liveness::Client)
+            .expect("connect");
+        let tab2 = hub
+            .connect(NOW, Sid::from("t2"), Identity::new("ann"), Liveness::Client)
+            .expect("connect");
+        let bob = connect(&mut hub, "bob");
+        while hub.poll_output().is_some() {}
+        for key in [tab1, tab2] {
+            let reply = join(&mut hub, key);
+            hub.complete_join(NOW, reply, answer(0));
+        }
+        let _still_joining = join(&mut hub, bob);
+        hub.begin_resync();
+        let resync = resyncs(&mut hub).pop().expect("a resync request");
+        let mut users: Vec<&str> = resync.present.iter().map(|n| n.user.as_str()).collect();
+        users.sort_unstable();
+        assert_eq!(users, ["ann", "bob"]);
+        let options = crate::RoomOptions::default();
+        assert!(resync
+            .present
+            .iter()
+            .all(|n| n.history_ttl == options.history_ttl && n.announce == options.presence));
+        hub.complete_resync(NOW, &resync.room, Err(()));
+        assert!(received(&mut hub, bob).is_empty());
+    }
+
+    /// A refused join undoes its presence with the same note it joined with
+    /// (the broker ignores it if the join's record never landed).
+    #[test]
+    fn a_refused_join_leaves_with_the_note_it_joined_with() {
+        let mut hub = hub();
+        let key = connect(&mut hub, "ann");
+        hub.handle_frame(NOW, key, br#"{"type":"join","room":"r"}"#)
+            .expect("join");
+        let mut joined_note = None;
+        let mut reply = None;
+        while let Some(output) = hub.poll_output() {
+            if let Output::Broker(BrokerRequest::Join {
+                presence, reply: r, ..
+            }) = output
+            {
+                joined_note = presence;
+                reply = Some(r);
+            }
+        }
+        hub.complete_join(NOW, reply.expect("a join request"), Err(()));
+        let mut left_note = None;
+        while let Some(output) = hub.poll_output() {
+            if let Output::Broker(BrokerRequest::Left {
+                presence,
+                unsubscribe,
+                ..
+            }) = output
+            {
+                assert!(unsubscribe);
+                left_note = presence;
+            }
+        }
+        assert_eq!(left_note, joined_note);
+        assert!(left_note.is_some());
     }
 }

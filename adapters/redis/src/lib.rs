@@ -6,18 +6,23 @@
 //!   to the room's capped stream (its history) and publishes it on the
 //!   room's channel, atomically, so every node hears every room's messages in
 //!   `seq` order. The room's `epoch` lives beside its `seq`; when Redis loses
-//!   them (a restart without persistence, or the history TTL) the next use
-//!   starts a new epoch, and clients that ask to resume see `recovered: false`.
+//!   them (a restart without persistence, or the history TTL, which runs only
+//!   once no node has a user in the room) the next use starts a new epoch,
+//!   and clients that ask to resume see `recovered: false`.
 //! - **Subscriptions follow membership.** A node subscribes to a room's
 //!   channel while it has members there, to a user's channel while it holds
 //!   one of the user's sessions, and to a session's channel while it is open.
 //! - **Presence spans nodes.** Each node records its users per room both in
-//!   the room's cluster-wide hash and in a hash of its own; a node refreshes
-//!   an "alive" key every few seconds, and any node that sees another's key
-//!   expire removes that node's users and announces their leaves.
+//!   the room's cluster-wide hash and in a hash of its own, which makes every
+//!   change idempotent per node (safe to retry, to undo when it never
+//!   landed, to record again); a node refreshes an "alive" key every few
+//!   seconds, and any node that sees another's key expire removes that
+//!   node's users and announces their leaves.
 //! - **Redis going away** fails publishes with an error at once (nothing is
 //!   queued), leaves local sessions connected, and reconnects with backoff;
-//!   after a reconnect the runtime brings its rooms up to date.
+//!   after a reconnect the runtime records its presence again and brings its
+//!   rooms up to date, and a room whose missed messages are no longer kept
+//!   moves to a new epoch, drawn once in Redis for every node.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,13 +35,15 @@ use redis::{Client, Script};
 use switchboard_core::{Epoch, RoomName, Sid, UserId};
 use switchboard_runtime::async_trait;
 use switchboard_runtime::broker::{
-    Broker, BrokerError, BrokerEvent, Channel, DirectTo, PublishRequest, RoomState,
+    Broker, BrokerError, BrokerEvent, Channel, DirectTo, PresenceUpdate, PublishRequest, RoomState,
 };
 use tokio::sync::{mpsc, OnceCell};
 
 /// A node whose "alive" key is this old is dead; its presence is removed.
 /// It refreshes the key (and looks for dead nodes) three times per TTL.
 const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
+/// A reaped room's history TTL when its own is not recorded (the policy default).
+const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
 /// How long one Redis command may take before it fails.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,8 +60,15 @@ fn channel_name(channel: &Channel) -> String {
     }
 }
 
+// Room keys, all in the room's hash slot: `seq`, `epoch`, `log` (the capped
+// stream of its history), `users` (user → how many nodes have them there),
+// `announce` (set while the room announces presence), `ttl` (its
+// `history_ttl` in ms, while it has users, for the reaper). A room's `seq`,
+// `epoch` and `log` never expire while `users` exists; they expire `ttl`
+// after the last user left (or after the last message, if later).
+
 const PUBLISH: &str = r#"
--- KEYS: seq, epoch, log. ARGV: room, body, exclude, history, ttl_ms, new_epoch
+-- KEYS: seq, epoch, log, users. ARGV: room, body, exclude, history, ttl_ms, new_epoch
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   epoch = ARGV[6]
@@ -67,52 +81,104 @@ local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',
 local history = tonumber(ARGV[4])
 if history > 0 then
   redis.call('XADD', KEYS[3], 'MAXLEN', history, seq .. '-0', 'f', frame)
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PUBLISH', 'sb:r:' .. ARGV[1], 'm|' .. seq .. '|' .. epoch .. '|' .. ARGV[3] .. '|' .. frame)
 return {seq, epoch}
 "#;
 
 const ROOM_STATE: &str = r#"
--- KEYS: seq, epoch, log, users. ARGV: since_seq (-1: none), since_epoch, new_epoch, ttl_ms
+-- KEYS: seq, epoch, log, users.
+-- ARGV: since_seq (-1: none), since_epoch, new_epoch, ttl_ms, resync (1/0)
+local present = redis.call('EXISTS', KEYS[4]) == 1
 local epoch = redis.call('GET', KEYS[2])
 if not epoch then
   epoch = ARGV[3]
-  redis.call('SET', KEYS[2], epoch, 'PX', ARGV[4])
-  redis.call('SET', KEYS[1], 0, 'PX', ARGV[4])
+  redis.call('SET', KEYS[2], epoch)
+  redis.call('SET', KEYS[1], 0)
   redis.call('DEL', KEYS[3])
+  if not present then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  end
+elseif present then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
 end
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local users = redis.call('HLEN', KEYS[4])
 local since = tonumber(ARGV[1])
-if since < 0 then return {seq, epoch, users, 0} end
-if ARGV[2] ~= epoch or since > seq then return {seq, epoch, users, 0} end
+if since < 0 or ARGV[2] ~= epoch then return {seq, epoch, users, 0} end
 if since == seq then return {seq, epoch, users, 1} end
-local entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+')
-if #entries ~= seq - since then return {seq, epoch, users, 0} end
-local out = {seq, epoch, users, 1}
-for i = 1, #entries do
-  out[#out + 1] = entries[i][2][2]
+if since < seq then
+  local entries = redis.call('XRANGE', KEYS[3], (since + 1) .. '-0', '+')
+  if #entries == seq - since then
+    local out = {seq, epoch, users, 1}
+    for i = 1, #entries do
+      out[#out + 1] = entries[i][2][2]
+    end
+    return out
+  end
 end
-return out
+if ARGV[5] == '1' then
+  -- A node that delivered up to `since` in this epoch missed what it can no
+  -- longer replay: a new epoch for the whole room, so that every client sees
+  -- recovered:false instead of a hole. The kept history is the old epoch's.
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[2], epoch, 'KEEPTTL')
+  redis.call('DEL', KEYS[3])
+end
+return {seq, epoch, users, 0}
 "#;
 
 const PRESENCE: &str = r#"
--- KEYS: room users, node presence, room announce flag.
--- ARGV: delta (1 or -1), user, room, node field, subject sid, announce (1/0)
-local delta = tonumber(ARGV[1])
-local tabs = redis.call('HINCRBY', KEYS[1], ARGV[2], delta)
-local mine = redis.call('HINCRBY', KEYS[2], ARGV[4], delta)
-if mine <= 0 then redis.call('HDEL', KEYS[2], ARGV[4]) end
-if tabs <= 0 then redis.call('HDEL', KEYS[1], ARGV[2]) end
+-- KEYS: room users, node presence, room announce, room ttl, room seq, room epoch, room log.
+-- ARGV: present (1/0), user, room, node field, subject sid, announce (1/0),
+--       quiet (1/0), ttl_ms
+-- Idempotent per node: the node's own hash says whether this node counts
+-- the user in the room, so repeating a change, or undoing one that never
+-- landed, changes nothing.
+local join = ARGV[1] == '1'
+local changed
+if join then
+  changed = redis.call('HSETNX', KEYS[2], ARGV[4], 1) == 1
+else
+  changed = redis.call('HDEL', KEYS[2], ARGV[4]) == 1
+end
+local nodes = 0
+if changed then
+  if join then
+    nodes = redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
+  else
+    nodes = redis.call('HINCRBY', KEYS[1], ARGV[2], -1)
+    if nodes <= 0 then redis.call('HDEL', KEYS[1], ARGV[2]) end
+  end
+end
 local count = redis.call('HLEN', KEYS[1])
-if ARGV[6] == '1' then redis.call('SET', KEYS[3], 1) end
-if count == 0 then redis.call('DEL', KEYS[3]) end
-if ARGV[6] == '1' and ((delta > 0 and tabs == 1) or (delta < 0 and tabs <= 0)) then
+if count > 0 then
+  if ARGV[6] == '1' then redis.call('SET', KEYS[3], 1) end
+  redis.call('SET', KEYS[4], ARGV[8])
+  redis.call('PERSIST', KEYS[5])
+  redis.call('PERSIST', KEYS[6])
+  redis.call('PERSIST', KEYS[7])
+else
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('PEXPIRE', KEYS[5], ARGV[8])
+  redis.call('PEXPIRE', KEYS[6], ARGV[8])
+  redis.call('PEXPIRE', KEYS[7], ARGV[8])
+end
+if changed and ARGV[6] == '1' and ARGV[7] ~= '1' and ((join and nodes == 1) or (not join and nodes <= 0)) then
   local action = 'join'
-  if delta < 0 then action = 'leave' end
+  if not join then action = 'leave' end
   local frame = '{"type":"presence","room":"' .. ARGV[3] .. '","action":"' .. action .. '","user":' .. cjson.encode(ARGV[2]) .. ',"count":' .. count .. '}'
   redis.call('PUBLISH', 'sb:r:' .. ARGV[3], 'p|' .. ARGV[5] .. '|' .. frame)
 end
@@ -120,7 +186,8 @@ return count
 "#;
 
 const REAP: &str = r#"
--- KEYS: dead node's presence, its alive key, the node set. ARGV: dead node id
+-- KEYS: dead node's presence, its alive key, the node set.
+-- ARGV: dead node id, default ttl_ms
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
@@ -129,16 +196,23 @@ for i = 1, #entries, 2 do
   local sep = string.find(field, '\n', 1, true)
   local room = string.sub(field, 1, sep - 1)
   local user = string.sub(field, sep + 1)
-  local users = 'sb:{' .. room .. '}:users'
+  local prefix = 'sb:{' .. room .. '}:'
+  local users = prefix .. 'users'
   local tabs = redis.call('HINCRBY', users, user, -n)
   if tabs <= 0 then
     redis.call('HDEL', users, user)
     local count = redis.call('HLEN', users)
-    if redis.call('EXISTS', 'sb:{' .. room .. '}:announce') == 1 then
+    if redis.call('EXISTS', prefix .. 'announce') == 1 then
       local frame = '{"type":"presence","room":"' .. room .. '","action":"leave","user":' .. cjson.encode(user) .. ',"count":' .. count .. '}'
       redis.call('PUBLISH', 'sb:r:' .. room, 'p||' .. frame)
     end
-    if count == 0 then redis.call('DEL', 'sb:{' .. room .. '}:announce') end
+    if count == 0 then
+      local ttl = redis.call('GET', prefix .. 'ttl') or ARGV[2]
+      redis.call('DEL', prefix .. 'announce', prefix .. 'ttl')
+      redis.call('PEXPIRE', prefix .. 'seq', ttl)
+      redis.call('PEXPIRE', prefix .. 'epoch', ttl)
+      redis.call('PEXPIRE', prefix .. 'log', ttl)
+    end
   end
 end
 redis.call('DEL', KEYS[1])
@@ -230,6 +304,35 @@ impl RedisBroker {
             .ok_or_else(|| BrokerError("broker not started".into()))
     }
 
+    async fn room_state_script(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, &str)>,
+        new_epoch: &str,
+        history_ttl: Duration,
+        resync: bool,
+    ) -> Result<RoomState, BrokerError> {
+        let mut con = self.commands()?;
+        let name = room.as_str();
+        let since_seq = since.map_or(-1, |(seq, _)| i64::try_from(seq).unwrap_or(i64::MAX));
+        let reply: Vec<redis::Value> = self
+            .inner
+            .room_state
+            .key(room_key(name, "seq"))
+            .key(room_key(name, "epoch"))
+            .key(room_key(name, "log"))
+            .key(room_key(name, "users"))
+            .arg(since_seq)
+            .arg(since.map_or("", |(_, epoch)| epoch))
+            .arg(new_epoch)
+            .arg(millis(history_ttl))
+            .arg(if resync { "1" } else { "0" })
+            .invoke_async(&mut con)
+            .await
+            .map_err(err)?;
+        parse_room_state(&reply, since)
+    }
+
     fn node_presence_key(&self) -> String {
         format!("sb:node:{}:presence", self.inner.node)
     }
@@ -281,6 +384,7 @@ impl Broker for RedisBroker {
             .key(room_key(room, "seq"))
             .key(room_key(room, "epoch"))
             .key(room_key(room, "log"))
+            .key(room_key(room, "users"))
             .arg(room)
             .arg(request.body)
             .arg(request.exclude.map_or("", Sid::as_str))
@@ -300,24 +404,19 @@ impl Broker for RedisBroker {
         new_epoch: &str,
         history_ttl: Duration,
     ) -> Result<RoomState, BrokerError> {
-        let mut con = self.commands()?;
-        let name = room.as_str();
-        let since_seq = since.map_or(-1, |(seq, _)| i64::try_from(seq).unwrap_or(i64::MAX));
-        let reply: Vec<redis::Value> = self
-            .inner
-            .room_state
-            .key(room_key(name, "seq"))
-            .key(room_key(name, "epoch"))
-            .key(room_key(name, "log"))
-            .key(room_key(name, "users"))
-            .arg(since_seq)
-            .arg(since.map_or("", |(_, epoch)| epoch))
-            .arg(new_epoch)
-            .arg(millis(history_ttl))
-            .invoke_async(&mut con)
+        self.room_state_script(room, since, new_epoch, history_ttl, false)
             .await
-            .map_err(err)?;
-        parse_room_state(&reply, since)
+    }
+
+    async fn resync_state(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, &str)>,
+        new_epoch: &str,
+        history_ttl: Duration,
+    ) -> Result<RoomState, BrokerError> {
+        self.room_state_script(room, since, new_epoch, history_ttl, true)
+            .await
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError> {
@@ -373,27 +472,26 @@ impl Broker for RedisBroker {
             .map_err(err)
     }
 
-    async fn presence(
-        &self,
-        room: &RoomName,
-        user: &UserId,
-        joined: bool,
-        subject: &Sid,
-        announce: bool,
-    ) -> Result<usize, BrokerError> {
+    async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError> {
         let mut con = self.commands()?;
-        let name = room.as_str();
+        let name = update.room.as_str();
         self.inner
             .presence
             .key(room_key(name, "users"))
             .key(self.node_presence_key())
             .key(room_key(name, "announce"))
-            .arg(if joined { 1 } else { -1 })
-            .arg(user.as_str())
+            .key(room_key(name, "ttl"))
+            .key(room_key(name, "seq"))
+            .key(room_key(name, "epoch"))
+            .key(room_key(name, "log"))
+            .arg(if update.present { "1" } else { "0" })
+            .arg(update.user.as_str())
             .arg(name)
-            .arg(format!("{name}\n{user}"))
-            .arg(subject.as_str())
-            .arg(if announce { "1" } else { "0" })
+            .arg(format!("{name}\n{}", update.user))
+            .arg(update.subject.as_str())
+            .arg(if update.announce { "1" } else { "0" })
+            .arg(if update.quiet { "1" } else { "0" })
+            .arg(millis(update.history_ttl))
             .invoke_async(&mut con)
             .await
             .map_err(err)
@@ -635,6 +733,7 @@ async fn run_node_heartbeat(broker: RedisBroker) {
                 .key(RedisBroker::node_alive_key(other))
                 .key("sb:nodes")
                 .arg(other)
+                .arg(millis(DEFAULT_HISTORY_TTL))
                 .invoke_async(&mut con)
                 .await;
             if reaped == Ok(1) {

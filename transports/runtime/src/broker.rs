@@ -73,6 +73,26 @@ pub struct PublishRequest<'a> {
     pub new_epoch: &'a str,
 }
 
+/// A presence change for the broker to record ([`Broker::presence`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceUpdate<'a> {
+    /// The room.
+    pub room: &'a RoomName,
+    /// The user.
+    pub user: &'a UserId,
+    /// Whether the user is now present here (else: no longer).
+    pub present: bool,
+    /// The session whose join or leave it is (not told of its own change).
+    pub subject: &'a Sid,
+    /// Whether the room announces presence changes (its policy).
+    pub announce: bool,
+    /// Record without announcing: presence recorded again after a
+    /// reconnect, which the room's members already know of.
+    pub quiet: bool,
+    /// How long the room's history outlives its last user (its policy).
+    pub history_ttl: Duration,
+}
+
 /// The broker could not do what was asked; nothing was half done.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("broker unavailable: {0}")]
@@ -102,6 +122,24 @@ pub trait Broker: Send + Sync + 'static {
         history_ttl: Duration,
     ) -> Result<RoomState, BrokerError>;
 
+    /// As [`Broker::room_state`], for a node catching up after a reconnect
+    /// with `since` = the last message it delivered. When `since` is in the
+    /// room's current epoch but what followed it cannot be replayed (no
+    /// longer kept, or `since` is ahead of the room), the node's members
+    /// have a hole: the room moves to `new_epoch`, atomically and for every
+    /// node (its kept history, which belongs to the old epoch, is dropped;
+    /// `seq` goes on counting), and the answer carries it with `replay:
+    /// None`. Nodes that come later with a `since` of the old epoch find the
+    /// new one and move to it, so one new epoch is drawn however many nodes
+    /// missed the same messages.
+    async fn resync_state(
+        &self,
+        room: &RoomName,
+        since: Option<(u64, &str)>,
+        new_epoch: &str,
+        history_ttl: Duration,
+    ) -> Result<RoomState, BrokerError>;
+
     /// Starts receiving a channel's events (returns once subscribed).
     async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError>;
 
@@ -112,18 +150,21 @@ pub trait Broker: Send + Sync + 'static {
     /// many nodes had a recipient (0: nobody anywhere).
     async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError>;
 
-    /// Records that `user` joined (or left, `joined == false`) `room` on this
-    /// node; when `announce`, tells the room's members (but `subject`) if it
-    /// is the user's first (or last) session in the whole cluster. Returns the
-    /// room's user count.
-    async fn presence(
-        &self,
-        room: &RoomName,
-        user: &UserId,
-        joined: bool,
-        subject: &Sid,
-        announce: bool,
-    ) -> Result<usize, BrokerError>;
+    /// Records that `update.user` is (or is no longer) in `update.room` on
+    /// this node; when the room announces presence and the update is not
+    /// quiet, tells the room's members (but `subject`) if that made it the
+    /// user's first (or last) node in the whole cluster. Returns the room's
+    /// user count.
+    ///
+    /// Idempotent per node: recording a presence this node already has, or
+    /// removing one it does not have, changes nothing (so a change can be
+    /// retried after a failure, a refused join can undo a record that never
+    /// landed, and presence can be recorded again after a reconnect).
+    ///
+    /// A room's seq, epoch and history do not expire while any node has a
+    /// user in it; they expire `history_ttl` after its last user left the
+    /// cluster (or after its last message, if later).
+    async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError>;
 
     /// The room's last `limit` messages (encoded frames), oldest first.
     async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError>;

@@ -1,32 +1,424 @@
 //! Driving the core's broker requests (broker mode): the I/O half of
 //! `switchboard_core`'s cluster support.
 //!
-//! Membership changes (room and user subscriptions, presence) go through one
-//! ordered queue, fed under the core's lock in the order the core decided
-//! them, so an unsubscribe can never overtake the subscribe it follows. The
-//! rest (publishes, join lookups, directs, presence lists) run in the task
-//! that caused them: a session's frames are answered in order.
+//! Membership (room, user and session subscriptions, presence) goes to the
+//! broker as state, not as a list of operations: the core's decisions, fed
+//! under the core's lock in the order it made them, say what each key (a
+//! channel, or a user in a room) should be, and one task brings the broker
+//! to that, one key at a time, in the order the keys changed. A key changes
+//! only to the opposite of what the broker was last told for it, so a key
+//! that changes back before the broker heard of it is dropped (a session
+//! that opened and closed while Redis was slow costs nothing), and at most
+//! one change per key waits. What waits is therefore bounded by the node's
+//! live state (its sessions, their users and their rooms, each within the
+//! core's limits) plus the removals of what the broker still holds for it,
+//! never by how often clients come and go: nothing queues without bound,
+//! and nothing a client asked for is refused for lack of room.
+//!
+//! Presence changes the broker did not take (Redis away) are retried with
+//! backoff until they land or are superseded, so a leave during an outage
+//! leaves no ghost; after a reconnect every room records its presence again,
+//! since a Redis that restarted empty forgot it. Both are safe because the
+//! broker's presence records are idempotent per node. Channels need neither:
+//! the broker keeps every channel it was asked for and subscribes them again
+//! when it reconnects.
+//!
+//! The rest (publishes, join lookups, directs, presence lists, catching up
+//! after a reconnect) run in the task that caused them: a session's frames
+//! are answered in order.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use base64::Engine as _;
-use switchboard_core::{BrokerRequest, Channel, ErrorCode, PresenceNote, RoomName};
-use tokio::sync::{mpsc, oneshot};
+use switchboard_core::{BrokerRequest, Channel, ErrorCode, PresenceNote, RoomName, UserId};
+use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::broker::{Broker, BrokerError, BrokerEvent, PublishRequest};
+use crate::broker::{Broker, BrokerError, BrokerEvent, PresenceUpdate, PublishRequest};
 use crate::switchboard::Shared;
 
-/// A membership change for the ordered queue.
-pub(crate) enum MembershipOp {
-    Subscribe(Channel, Option<oneshot::Sender<Result<(), BrokerError>>>),
-    Unsubscribe(Channel),
-    Presence {
-        room: RoomName,
-        note: PresenceNote,
-        joined: bool,
-        done: Option<oneshot::Sender<Result<(), BrokerError>>>,
-    },
+/// The first wait before presence changes that failed are tried again; it
+/// doubles up to [`RETRY_MAX`] while they keep failing.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Tries of a room's catch-up after a reconnect (the command connection may
+/// come back a moment after the subscription one), with these pauses between.
+const RESYNC_PAUSES: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
+
+type Waiter = oneshot::Sender<Result<(), BrokerError>>;
+
+/// What membership is made of, as the broker knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// Subscribed or not.
+    Channel(Channel),
+    /// The user present in the room on this node, or not.
+    Presence(RoomName, UserId),
+}
+
+/// A change the broker has not been told yet.
+struct Entry {
+    /// Tells this entry's slot in [`State::order`] from stale ones.
+    generation: u64,
+    /// Subscribed / present.
+    on: bool,
+    /// What the broker was told last for the key before this change, when
+    /// that is known: a change back to it cancels this one. `None` after a
+    /// failure, and for presence recorded again (the broker may have lost
+    /// what it was told).
+    base: Option<bool>,
+    /// Presence keys: who, for the broker.
+    note: Option<PresenceNote>,
+    /// Presence keys: record without announcing.
+    quiet: bool,
+    /// It failed before and is tried again.
+    retried: bool,
+    /// Joins waiting for this change.
+    waiters: Vec<Waiter>,
+}
+
+enum Slot {
+    Key(Key, u64),
+    /// Resolved when everything queued before it was performed.
+    Barrier(Waiter),
+}
+
+/// The change being performed.
+struct InFlight {
+    key: Key,
+    on: bool,
+    waiters: Vec<Waiter>,
+}
+
+/// A change for the broker, taken off the queue.
+struct Apply {
+    key: Key,
+    on: bool,
+    note: Option<PresenceNote>,
+    quiet: bool,
+    retried: bool,
+}
+
+enum Job {
+    Apply(Apply),
+    Barrier(Waiter),
+}
+
+/// What a core decision asks of membership.
+struct Change {
+    key: Key,
+    on: bool,
+    note: Option<PresenceNote>,
+    quiet: bool,
+    /// Perform it even if the broker should already be there.
+    force: bool,
+}
+
+impl Change {
+    fn channel(channel: Channel, on: bool) -> Self {
+        Self {
+            key: Key::Channel(channel),
+            on,
+            note: None,
+            quiet: false,
+            force: false,
+        }
+    }
+
+    fn presence(room: &RoomName, note: PresenceNote, on: bool) -> Self {
+        Self {
+            key: Key::Presence(room.clone(), note.user.clone()),
+            on,
+            note: Some(note),
+            quiet: false,
+            force: false,
+        }
+    }
+
+    /// Presence recorded again after a reconnect.
+    fn again(room: &RoomName, note: PresenceNote) -> Self {
+        Self {
+            quiet: true,
+            force: true,
+            ..Self::presence(room, note, true)
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Keys in the order they changed (stale slots are skipped), and barriers.
+    order: VecDeque<Slot>,
+    barriers: usize,
+    /// At most one change per key.
+    pending: HashMap<Key, Entry>,
+    /// Presence changes that failed, waiting for their next try.
+    retry: HashMap<Key, Entry>,
+    in_flight: Option<InFlight>,
+    generations: u64,
+    /// The Switchboard is gone: finish what is queued, then stop.
+    closed: bool,
+}
+
+fn superseded(waiters: Vec<Waiter>) {
+    for waiter in waiters {
+        let _ = waiter.send(Err(BrokerError(
+            "the membership changed again meanwhile".into(),
+        )));
+    }
+}
+
+impl State {
+    /// Records a core decision; true when the task has something new to do.
+    fn set(&mut self, change: Change, waiter: Option<Waiter>) -> bool {
+        let Change {
+            key,
+            on,
+            note,
+            quiet,
+            force,
+        } = change;
+        if let Some(entry) = self.pending.get_mut(&key) {
+            if entry.on == on {
+                entry.quiet &= quiet;
+            } else {
+                if entry.base == Some(on) && !force {
+                    // Changed back before the broker heard of it.
+                    if let Some(entry) = self.pending.remove(&key) {
+                        superseded(entry.waiters);
+                    }
+                    self.settled(&key, on, waiter);
+                    return false;
+                }
+                superseded(std::mem::take(&mut entry.waiters));
+                entry.on = on;
+                entry.quiet = quiet;
+            }
+            if note.is_some() {
+                entry.note = note;
+            }
+            if force {
+                entry.base = None;
+            }
+            entry.waiters.extend(waiter);
+            return false;
+        }
+        let retried = self.retry.remove(&key).is_some();
+        let base = if retried || force {
+            None
+        } else {
+            match &self.in_flight {
+                Some(f) if f.key == key => Some(f.on),
+                // Changes alternate: the one before this (the opposite) was
+                // performed.
+                _ => Some(!on),
+            }
+        };
+        if base == Some(on) {
+            self.settled(&key, on, waiter);
+            return false;
+        }
+        self.push(
+            key,
+            Entry {
+                generation: 0,
+                on,
+                base,
+                note,
+                quiet,
+                retried: false,
+                waiters: waiter.into_iter().collect(),
+            },
+        );
+        true
+    }
+
+    fn push(&mut self, key: Key, mut entry: Entry) {
+        self.generations += 1;
+        entry.generation = self.generations;
+        self.order
+            .push_back(Slot::Key(key.clone(), entry.generation));
+        self.pending.insert(key, entry);
+        // Drop stale slots once they are half of the queue: amortized O(1)
+        // per change, and the queue stays within twice what is pending.
+        if self.order.len() >= 64 && self.order.len() > 2 * (self.pending.len() + self.barriers) {
+            let pending = &self.pending;
+            self.order.retain(|slot| match slot {
+                Slot::Barrier(_) => true,
+                Slot::Key(key, generation) => pending
+                    .get(key)
+                    .is_some_and(|e| e.generation == *generation),
+            });
+        }
+    }
+
+    /// A waiter for a key the broker already is (or is being brought) at `on`.
+    fn settled(&mut self, key: &Key, on: bool, waiter: Option<Waiter>) {
+        let Some(waiter) = waiter else {
+            return;
+        };
+        match &mut self.in_flight {
+            Some(f) if f.key == *key && f.on == on => f.waiters.push(waiter),
+            _ => {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    fn barrier(&mut self) -> oneshot::Receiver<Result<(), BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        self.order.push_back(Slot::Barrier(tx));
+        self.barriers += 1;
+        rx
+    }
+
+    /// Queues the failed presence changes again; true if there were any.
+    fn requeue_retries(&mut self) -> bool {
+        if self.retry.is_empty() {
+            return false;
+        }
+        for (key, mut entry) in std::mem::take(&mut self.retry) {
+            entry.retried = true;
+            self.push(key, entry);
+        }
+        true
+    }
+
+    fn take(&mut self) -> Option<Job> {
+        while let Some(slot) = self.order.pop_front() {
+            match slot {
+                Slot::Barrier(tx) => {
+                    self.barriers -= 1;
+                    return Some(Job::Barrier(tx));
+                }
+                Slot::Key(key, generation) => {
+                    if self
+                        .pending
+                        .get(&key)
+                        .is_none_or(|e| e.generation != generation)
+                    {
+                        continue; // stale
+                    }
+                    let Some(entry) = self.pending.remove(&key) else {
+                        continue;
+                    };
+                    self.in_flight = Some(InFlight {
+                        key: key.clone(),
+                        on: entry.on,
+                        waiters: entry.waiters,
+                    });
+                    return Some(Job::Apply(Apply {
+                        key,
+                        on: entry.on,
+                        note: entry.note,
+                        quiet: entry.quiet,
+                        retried: entry.retried,
+                    }));
+                }
+            }
+        }
+        None
+    }
+
+    fn finish(&mut self, done: Apply, result: Result<(), BrokerError>) {
+        if let Some(f) = self.in_flight.take() {
+            for waiter in f.waiters {
+                let _ = waiter.send(result.clone());
+            }
+        }
+        // A failed subscription stays wanted by the broker, which subscribes
+        // it when it reconnects; a failed presence change is tried again.
+        if result.is_ok() || !matches!(done.key, Key::Presence(..)) {
+            return;
+        }
+        match self.pending.get_mut(&done.key) {
+            // A newer change follows; the broker's state is unknown now.
+            Some(next) => next.base = None,
+            None => {
+                let retry = Entry {
+                    generation: 0,
+                    on: done.on,
+                    base: None,
+                    note: done.note,
+                    quiet: done.quiet,
+                    retried: true,
+                    waiters: Vec::new(),
+                };
+                self.retry.insert(done.key, retry);
+            }
+        }
+    }
+}
+
+struct Queue {
+    // A std Mutex: held for map operations only, never across an await.
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The core's side of membership: fed under the core's lock, in its order.
+/// Dropping it (the Switchboard is gone) lets the task finish and stop.
+pub(crate) struct MembershipQueue(Arc<Queue>);
+
+/// The task's side of membership ([`run_membership`]).
+pub(crate) struct MembershipTask(Arc<Queue>);
+
+/// A membership queue and the handle its task runs on.
+pub(crate) fn membership_queue() -> (MembershipQueue, MembershipTask) {
+    let queue = Arc::new(Queue {
+        state: Mutex::new(State::default()),
+        wake: Notify::new(),
+    });
+    (MembershipQueue(Arc::clone(&queue)), MembershipTask(queue))
+}
+
+impl MembershipQueue {
+    fn set(&self, change: Change) {
+        if self.0.lock().set(change, None) {
+            self.0.wake.notify_one();
+        }
+    }
+
+    /// As `set`, with a receiver told once the broker is there.
+    fn wait(&self, change: Change) -> oneshot::Receiver<Result<(), BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        if self.0.lock().set(change, Some(tx)) {
+            self.0.wake.notify_one();
+        }
+        rx
+    }
+
+    /// Resolved once everything queued so far was performed (or failed).
+    fn barrier(&self) -> oneshot::Receiver<Result<(), BrokerError>> {
+        let rx = self.0.lock().barrier();
+        self.0.wake.notify_one();
+        rx
+    }
+
+    /// Tries the failed presence changes again now (the broker is back).
+    fn retry_now(&self) {
+        if self.0.lock().requeue_retries() {
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for MembershipQueue {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.wake.notify_one();
+    }
 }
 
 /// A broker request still to perform, after the membership changes it waits for.
@@ -35,18 +427,9 @@ pub(crate) struct Work {
     waits: Vec<oneshot::Receiver<Result<(), BrokerError>>>,
 }
 
-/// Turns a core request into work, sending its membership part to the
-/// ordered queue now (the caller holds the core's lock).
-pub(crate) fn prepare(
-    queue: &mpsc::UnboundedSender<MembershipOp>,
-    request: BrokerRequest,
-) -> Option<Work> {
-    let mut waits = Vec::new();
-    let acked = |waits: &mut Vec<_>| {
-        let (tx, rx) = oneshot::channel();
-        waits.push(rx);
-        Some(tx)
-    };
+/// Turns a core request into work, handing its membership part to the
+/// membership queue now (the caller holds the core's lock).
+pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option<Work> {
     match request {
         BrokerRequest::Join {
             ref room,
@@ -54,18 +437,12 @@ pub(crate) fn prepare(
             ref presence,
             ..
         } => {
+            let mut waits = Vec::new();
             if subscribe {
-                let done = acked(&mut waits);
-                let _ = queue.send(MembershipOp::Subscribe(Channel::Room(room.clone()), done));
+                waits.push(queue.wait(Change::channel(Channel::Room(room.clone()), true)));
             }
             if let Some(note) = presence {
-                let done = acked(&mut waits);
-                let _ = queue.send(MembershipOp::Presence {
-                    room: room.clone(),
-                    note: note.clone(),
-                    joined: true,
-                    done,
-                });
+                waits.push(queue.wait(Change::presence(room, note.clone(), true)));
             }
             Some(Work { request, waits })
         }
@@ -75,58 +452,125 @@ pub(crate) fn prepare(
             presence,
         } => {
             if let Some(note) = presence {
-                let _ = queue.send(MembershipOp::Presence {
-                    room: room.clone(),
-                    note,
-                    joined: false,
-                    done: None,
-                });
+                queue.set(Change::presence(&room, note, false));
             }
             if unsubscribe {
-                let _ = queue.send(MembershipOp::Unsubscribe(Channel::Room(room)));
+                queue.set(Change::channel(Channel::Room(room), false));
             }
             None
         }
         BrokerRequest::Subscribe(channel) => {
-            let _ = queue.send(MembershipOp::Subscribe(channel, None));
+            queue.set(Change::channel(channel, true));
             None
         }
         BrokerRequest::Unsubscribe(channel) => {
-            let _ = queue.send(MembershipOp::Unsubscribe(channel));
+            queue.set(Change::channel(channel, false));
             None
         }
-        request => Some(Work { request, waits }),
+        BrokerRequest::Resync(ref resync) => {
+            for note in &resync.present {
+                queue.set(Change::again(&resync.room, note.clone()));
+            }
+            queue.retry_now();
+            // Catch up once the presence is recorded again (joined.members).
+            let waits = vec![queue.barrier()];
+            Some(Work { request, waits })
+        }
+        request => Some(Work {
+            request,
+            waits: Vec::new(),
+        }),
     }
 }
 
-/// Applies membership changes one at a time, in order.
-pub(crate) async fn run_membership(
-    broker: Arc<dyn Broker>,
-    mut queue: mpsc::UnboundedReceiver<MembershipOp>,
-) {
-    while let Some(op) = queue.recv().await {
-        match op {
-            MembershipOp::Subscribe(channel, done) => {
-                let result = broker.subscribe(&channel).await;
-                if let Some(done) = done {
-                    let _ = done.send(result);
+/// Brings the broker to the membership the core decided, one change at a
+/// time, in the order the keys changed; tries failed presence changes again
+/// with backoff.
+pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask) {
+    let queue = task.0;
+    let mut backoff = RETRY_MIN;
+    // When the failed presence changes are due again: a deadline, not a
+    // pause, so that a steady trickle of other changes cannot put it off.
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let job = {
+            let mut state = queue.lock();
+            if state.retry.is_empty() {
+                retry_at = None;
+            } else {
+                let now = tokio::time::Instant::now();
+                let at = *retry_at.get_or_insert(now + backoff);
+                if now >= at {
+                    state.requeue_retries();
+                    retry_at = None;
+                    backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
-            MembershipOp::Unsubscribe(channel) => broker.unsubscribe(&channel).await,
-            MembershipOp::Presence {
-                room,
-                note,
-                joined,
-                done,
-            } => {
-                let result = broker
-                    .presence(&room, &note.user, joined, &note.subject, note.announce)
-                    .await
-                    .map(|_| ());
-                if let Some(done) = done {
-                    let _ = done.send(result);
+            state.take()
+        };
+        match job {
+            Some(Job::Barrier(done)) => {
+                let _ = done.send(Ok(()));
+            }
+            Some(Job::Apply(change)) => {
+                let result = perform_change(broker.as_ref(), &change).await;
+                match (&result, &change.key) {
+                    (Err(e), _) => {
+                        tracing::debug!(key = ?change.key, error = %e, "membership change failed");
+                    }
+                    (Ok(()), Key::Presence(room, user)) => {
+                        backoff = RETRY_MIN;
+                        if change.retried {
+                            tracing::info!(room = %room, user = %user, present = change.on,
+                                "presence recorded after a retry");
+                        }
+                    }
+                    (Ok(()), Key::Channel(_)) => {}
+                }
+                queue.lock().finish(change, result);
+            }
+            None => {
+                if queue.lock().closed {
+                    return;
+                }
+                let retry = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = queue.wake.notified() => {}
+                    () = retry => {}
                 }
             }
+        }
+    }
+}
+
+async fn perform_change(broker: &dyn Broker, change: &Apply) -> Result<(), BrokerError> {
+    match &change.key {
+        Key::Channel(channel) if change.on => broker.subscribe(channel).await,
+        Key::Channel(channel) => {
+            broker.unsubscribe(channel).await;
+            Ok(())
+        }
+        Key::Presence(room, user) => {
+            let Some(note) = &change.note else {
+                return Ok(()); // presence changes always carry their note
+            };
+            broker
+                .presence(PresenceUpdate {
+                    room,
+                    user,
+                    present: change.on,
+                    subject: &note.subject,
+                    announce: note.announce,
+                    quiet: change.quiet,
+                    history_ttl: note.history_ttl,
+                })
+                .await
+                .map(|_| ())
         }
     }
 }
@@ -208,6 +652,36 @@ async fn perform(
                 .run_collect(|inner, now| inner.hub.complete_join(now, reply, state))
                 .1
         }
+        BrokerRequest::Resync(resync) => {
+            // Presence that could not be recorded again is retried by the
+            // membership task; catching up does not wait for it.
+            let _ = ready;
+            let since = resync
+                .since
+                .as_ref()
+                .map(|(seq, epoch)| (*seq, epoch.as_str()));
+            let mut pauses = RESYNC_PAUSES.iter();
+            let state = loop {
+                match broker
+                    .resync_state(&resync.room, since, &new_epoch(), resync.history_ttl)
+                    .await
+                {
+                    Ok(state) => break Ok(state),
+                    Err(e) => match pauses.next() {
+                        Some(pause) => tokio::time::sleep(*pause).await,
+                        None => {
+                            tracing::warn!(room = %resync.room, error = %e,
+                                "cannot catch up after a reconnect; members are told recovered: false");
+                            break Err(());
+                        }
+                    },
+                }
+            };
+            let room = resync.room;
+            shared
+                .run_collect(|inner, now| inner.hub.complete_resync(now, &room, state))
+                .1
+        }
         BrokerRequest::Direct { to, frame, reply } => {
             let nodes = broker.direct(&to, &frame).await.map_err(|_| ());
             shared
@@ -220,7 +694,7 @@ async fn perform(
                 .run_collect(|inner, now| inner.hub.complete_presence_list(now, reply, users))
                 .1
         }
-        // Membership requests went to the ordered queue in `prepare`.
+        // Membership requests went to the membership queue in `prepare`.
         _ => Vec::new(),
     }
 }
@@ -228,7 +702,6 @@ async fn perform(
 /// Feeds what the broker fans out into the core, in the broker's order.
 pub(crate) async fn run_events(
     shared: std::sync::Weak<Shared>,
-    broker: Arc<dyn Broker>,
     mut events: mpsc::Receiver<BrokerEvent>,
 ) {
     while let Some(event) = events.recv().await {
@@ -269,27 +742,13 @@ pub(crate) async fn run_events(
                 shared.run(|inner, _| inner.hub.handle_broker_direct(&to, frame));
             }
             BrokerEvent::Reconnected => {
-                let broker = Arc::clone(&broker);
-                tokio::spawn(resync(shared, broker));
+                // Every room with members here records its presence again
+                // and catches up (replaying what it missed, or moving to a
+                // new epoch); the work runs in a task of its own.
+                let rooms = shared.run(|inner, _| inner.hub.begin_resync());
+                tracing::info!(rooms, "catching up after a broker reconnect");
             }
         }
-    }
-}
-
-/// After a broker reconnect: brings every room with local members up to
-/// date (replaying what they missed, or moving them to a new epoch).
-async fn resync(shared: Arc<Shared>, broker: Arc<dyn Broker>) {
-    let rooms = shared.run(|inner, _| inner.hub.begin_resync());
-    for room in rooms {
-        let since = room
-            .since
-            .as_ref()
-            .map(|(seq, epoch)| (*seq, epoch.as_str()));
-        let state = broker
-            .room_state(&room.room, since, &new_epoch(), room.history_ttl)
-            .await
-            .map_err(|_| ());
-        shared.run(|inner, now| inner.hub.complete_resync(now, &room.room, state));
     }
 }
 
@@ -305,4 +764,154 @@ pub(crate) fn new_epoch() -> String {
         bytes = (nanos as u64).to_le_bytes();
     }
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_core::Sid;
+
+    fn note(user: &str) -> PresenceNote {
+        PresenceNote {
+            user: UserId::from(user),
+            subject: Sid::from(user),
+            announce: true,
+            history_ttl: Duration::from_secs(300),
+        }
+    }
+
+    fn room(name: &str) -> RoomName {
+        RoomName::new(name).expect("a room name")
+    }
+
+    fn sid_channel(i: usize) -> Channel {
+        Channel::Sid(Sid::from(format!("s{i}").as_str()))
+    }
+
+    /// Takes and finishes every queued change with `result`; returns them as
+    /// (key, on).
+    fn drain(state: &mut State, result: &Result<(), BrokerError>) -> Vec<(Key, bool)> {
+        let mut done = Vec::new();
+        while let Some(job) = state.take() {
+            match job {
+                Job::Apply(change) => {
+                    done.push((change.key.clone(), change.on));
+                    state.finish(change, result.clone());
+                }
+                Job::Barrier(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+        done
+    }
+
+    /// Sessions that open and close while the broker is stuck leave nothing
+    /// queued: what waits never outgrows the node's live state.
+    #[test]
+    fn changes_undone_before_the_broker_heard_of_them_cost_nothing() {
+        let mut state = State::default();
+        for i in 0..100_000 {
+            state.set(Change::channel(sid_channel(i), true), None);
+            state.set(Change::channel(sid_channel(i), false), None);
+        }
+        assert!(state.pending.is_empty());
+        assert!(state.order.len() < 64, "{} slots", state.order.len());
+        // A session that stays: one change.
+        state.set(Change::channel(sid_channel(0), true), None);
+        assert_eq!(state.pending.len(), 1);
+        assert_eq!(
+            drain(&mut state, &Ok(())),
+            [(Key::Channel(sid_channel(0)), true)]
+        );
+    }
+
+    /// A change back while the first is being performed is queued, and one
+    /// back again cancels it; a join waiting on that key is told when the
+    /// change under way lands.
+    #[test]
+    fn a_change_back_during_one_under_way_waits_for_it() {
+        let mut state = State::default();
+        let channel = || Change::channel(Channel::Room(room("r")), true);
+        state.set(channel(), None);
+        let Some(Job::Apply(first)) = state.take() else {
+            panic!("a change to perform");
+        };
+        state.set(Change::channel(Channel::Room(room("r")), false), None);
+        assert_eq!(state.pending.len(), 1);
+        let (tx, mut rx) = oneshot::channel();
+        state.set(channel(), Some(tx));
+        assert!(state.pending.is_empty(), "changed back: nothing more to do");
+        assert!(rx.try_recv().is_err(), "told only once the change lands");
+        state.finish(first, Ok(()));
+        assert_eq!(rx.try_recv().ok(), Some(Ok(())));
+    }
+
+    /// A presence change that failed is tried again (a leave during an
+    /// outage must reach the broker), unless a newer change supersedes it.
+    #[test]
+    fn failed_presence_changes_are_retried_until_superseded() {
+        let mut state = State::default();
+        let down = Err(BrokerError("down".into()));
+        state.set(Change::presence(&room("r"), note("ann"), false), None);
+        state.set(Change::presence(&room("r"), note("bob"), true), None);
+        assert_eq!(drain(&mut state, &down).len(), 2);
+        assert_eq!(state.retry.len(), 2);
+        // Bob's join is undone meanwhile: the undo replaces the retry, and is
+        // performed even though the broker may never have recorded the join.
+        state.set(Change::presence(&room("r"), note("bob"), false), None);
+        assert!(state.requeue_retries());
+        let mut done = drain(&mut state, &Ok(()));
+        done.sort_by_key(|(key, _)| format!("{key:?}"));
+        assert_eq!(
+            done,
+            [
+                (Key::Presence(room("r"), UserId::from("ann")), false),
+                (Key::Presence(room("r"), UserId::from("bob")), false),
+            ]
+        );
+        assert!(state.retry.is_empty());
+    }
+
+    /// Presence recorded again is performed even when nothing changed
+    /// locally, quietly, and a join queued for the same key keeps its
+    /// announcement.
+    #[test]
+    fn presence_recorded_again_is_performed_quietly() {
+        let mut state = State::default();
+        state.set(Change::again(&room("r"), note("ann")), None);
+        state.set(Change::presence(&room("r"), note("bob"), true), None);
+        state.set(Change::again(&room("r"), note("bob")), None);
+        let mut quiet = HashMap::new();
+        while let Some(Job::Apply(change)) = state.take() {
+            quiet.insert(change.key.clone(), change.quiet);
+            state.finish(change, Ok(()));
+        }
+        assert_eq!(
+            quiet.get(&Key::Presence(room("r"), UserId::from("ann"))),
+            Some(&true)
+        );
+        assert_eq!(
+            quiet.get(&Key::Presence(room("r"), UserId::from("bob"))),
+            Some(&false)
+        );
+    }
+
+    /// A barrier resolves after what was queued before it.
+    #[test]
+    fn a_barrier_comes_after_what_was_queued_before_it() {
+        let mut state = State::default();
+        state.set(Change::again(&room("r"), note("ann")), None);
+        let mut barrier = state.barrier();
+        let Some(Job::Apply(change)) = state.take() else {
+            panic!("the presence change first");
+        };
+        assert!(barrier.try_recv().is_err());
+        state.finish(change, Ok(()));
+        let Some(Job::Barrier(tx)) = state.take() else {
+            panic!("then the barrier");
+        };
+        let _ = tx.send(Ok(()));
+        assert_eq!(barrier.try_recv().ok(), Some(Ok(())));
+    }
 }

@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AllowOrigins, Authenticator, OriginCheck, Refusal, TrustClientName};
 use crate::broker::{Broker, PublishRequest};
 use crate::clock::Clock;
-use crate::cluster::{self, MembershipOp, Work};
+use crate::cluster::{self, MembershipQueue, Work};
 use crate::error::{Error, Kind};
 use crate::metrics::{Metrics, WireCounters};
 use crate::outbox::{OutFrame, Outbox};
@@ -139,12 +139,13 @@ impl Builder {
             .start(events_tx)
             .await
             .map_err(|e| BuildError::Broker(e.0))?;
-        let (membership_tx, membership_rx) = mpsc::unbounded_channel();
+        // Not a channel: at most one change per key waits, so it is bounded
+        // by the node's live state, not by client churn (see `cluster`).
+        let (membership_tx, membership_rx) = cluster::membership_queue();
         let switchboard = self.assemble(Some(Arc::clone(&broker)), Some(membership_tx))?;
         tokio::spawn(cluster::run_membership(Arc::clone(&broker), membership_rx));
         tokio::spawn(cluster::run_events(
             Arc::downgrade(&switchboard.shared),
-            broker,
             events_rx,
         ));
         Ok(switchboard)
@@ -171,7 +172,7 @@ impl Builder {
     fn assemble(
         self,
         broker: Option<Arc<dyn Broker>>,
-        membership: Option<mpsc::UnboundedSender<MembershipOp>>,
+        membership: Option<MembershipQueue>,
     ) -> Result<Switchboard, BuildError> {
         let seed = u64::from_le_bytes(random_bytes::<8>().map_err(|_| BuildError::NoRandomness)?);
         let hub = Hub::new(self.core, self.policy, seed).map_err(BuildError::Config)?;
@@ -260,8 +261,8 @@ pub(crate) struct Inner {
     timer_armed: Option<Timestamp>,
     /// Broker work the last input produced, for its caller to perform.
     work: Vec<Work>,
-    /// The ordered queue of membership changes (broker mode).
-    membership: Option<mpsc::UnboundedSender<MembershipOp>>,
+    /// The membership changes for the broker (broker mode).
+    membership: Option<MembershipQueue>,
 }
 
 impl Inner {

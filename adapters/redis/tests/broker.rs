@@ -1,0 +1,370 @@
+//! The Redis broker against a real `redis-server` (started here, on a free
+//! 127.0.0.1 port; CI installs it): presence is idempotent per node, a
+//! room's history does not expire while it has users, and a resync that
+//! cannot replay moves the room to one new epoch for every node.
+//!
+//! Two `RedisBroker`s stand for two nodes. Every wait is bounded; nothing
+//! asserts on timing.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use switchboard_core::{RoomName, Sid, UserId};
+use switchboard_redis::RedisBroker;
+use switchboard_runtime::broker::{
+    Broker, BrokerEvent, Channel, PresenceUpdate, PublishRequest, RoomState,
+};
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(300);
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("timed out after {WAIT:?}: {what}"),
+    }
+}
+
+/// A `redis-server` child with no persistence; killed on drop.
+struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    async fn start() -> Self {
+        for _ in 0..5 {
+            let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .expect("bind 127.0.0.1:0")
+                .port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match child {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed, and these tests need a real Redis: \
+                     install it with `apt-get install -y redis-server`"
+                ),
+                Err(e) => panic!("cannot start redis-server: {e}"),
+            };
+            let mut redis = Self { port, child };
+            let ready = within("redis-server to answer", async {
+                loop {
+                    if let Ok(Some(_)) = redis.child.try_wait() {
+                        return false; // the port was taken
+                    }
+                    if redis.connection().await.is_some() {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if ready {
+                return redis;
+            }
+        }
+        panic!("redis-server would not start on a free port");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client.get_multiplexed_async_connection().await.ok()?;
+        let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut con).await;
+        pong.ok().map(|_| con)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut con = self.connection().await.expect("a Redis connection");
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut con)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node: a started broker and what it hears.
+struct Node {
+    broker: RedisBroker,
+    events: mpsc::Receiver<BrokerEvent>,
+}
+
+impl Node {
+    async fn start(redis: &Redis) -> Self {
+        let broker = RedisBroker::new(&redis.url()).expect("a Redis URL");
+        let (tx, events) = mpsc::channel(1024);
+        within("the broker to start", broker.start(tx))
+            .await
+            .expect("the broker starts");
+        Self { broker, events }
+    }
+
+    async fn presence(&self, room: &RoomName, user: &str, present: bool) -> usize {
+        let user = UserId::from(user);
+        let subject = Sid::from("s");
+        let update = PresenceUpdate {
+            room,
+            user: &user,
+            present,
+            subject: &subject,
+            announce: true,
+            quiet: false,
+            history_ttl: TTL,
+        };
+        within("a presence update", self.broker.presence(update))
+            .await
+            .expect("presence recorded")
+    }
+
+    async fn publish(&self, room: &RoomName, history: usize, ttl: Duration) -> (u64, String) {
+        let request = PublishRequest {
+            room,
+            body: r#""data":null"#,
+            exclude: None,
+            history,
+            history_ttl: ttl,
+            new_epoch: "fresh",
+        };
+        let (seq, epoch) = within("a publish", self.broker.publish(request))
+            .await
+            .expect("published");
+        (seq, epoch.as_str().to_owned())
+    }
+
+    async fn resync(&self, room: &RoomName, since: (u64, &str), new_epoch: &str) -> RoomState {
+        let fetch = self.broker.resync_state(room, Some(since), new_epoch, TTL);
+        within("a resync", fetch).await.expect("the room's state")
+    }
+
+    /// The presence events heard on `room` until the message published
+    /// after them arrives.
+    async fn presence_events_until_fence(&mut self, room: &RoomName) -> Vec<String> {
+        self.publish(room, 10, TTL).await;
+        let mut events = Vec::new();
+        within("the fence message", async {
+            loop {
+                match self.events.recv().await.expect("the broker runs") {
+                    BrokerEvent::Presence { frame, .. } => {
+                        events.push(String::from_utf8_lossy(&frame).into_owned());
+                    }
+                    BrokerEvent::Message { .. } => return,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        events
+    }
+}
+
+fn run(test: impl Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(test);
+}
+
+fn room(name: &str) -> RoomName {
+    RoomName::new(name).expect("a room name")
+}
+
+/// A leave from a node that never recorded the user (a refused join whose
+/// record never landed) changes nothing: the other node's record stays and
+/// no leave is announced. Repeats change nothing either; the last node's
+/// leave is the one announced.
+#[test]
+fn presence_is_idempotent_per_node() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start(&redis).await;
+        let b = Node::start(&redis).await;
+        let hall = room("hall");
+        // The pub/sub connection comes up a moment after `start`.
+        within("subscribing", async {
+            while a
+                .broker
+                .subscribe(&Channel::Room(hall.clone()))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+
+        assert_eq!(b.presence(&hall, "ann", true).await, 1);
+        let joins = a.presence_events_until_fence(&hall).await;
+        assert_eq!(joins.len(), 1, "{joins:?}");
+        assert!(joins[0].contains(r#""action":"join""#), "{joins:?}");
+
+        // A's undo of a join it never recorded.
+        assert_eq!(a.presence(&hall, "ann", false).await, 1);
+        assert_eq!(
+            redis
+                .query::<Option<i64>>(&["HGET", "sb:{hall}:users", "ann"])
+                .await,
+            Some(1)
+        );
+        assert!(a.presence_events_until_fence(&hall).await.is_empty());
+
+        // Recorded on A too, twice: one more node, no announcement.
+        assert_eq!(a.presence(&hall, "ann", true).await, 1);
+        assert_eq!(a.presence(&hall, "ann", true).await, 1);
+        assert_eq!(
+            redis
+                .query::<Option<i64>>(&["HGET", "sb:{hall}:users", "ann"])
+                .await,
+            Some(2)
+        );
+        // Removed from B twice: A still has ann.
+        assert_eq!(b.presence(&hall, "ann", false).await, 1);
+        assert_eq!(b.presence(&hall, "ann", false).await, 1);
+        assert!(a.presence_events_until_fence(&hall).await.is_empty());
+        // A's leave is the last: announced once.
+        assert_eq!(a.presence(&hall, "ann", false).await, 0);
+        assert_eq!(a.presence(&hall, "ann", false).await, 0);
+        let leaves = a.presence_events_until_fence(&hall).await;
+        assert_eq!(leaves.len(), 1, "{leaves:?}");
+        assert!(leaves[0].contains(r#""action":"leave""#), "{leaves:?}");
+    });
+}
+
+/// A room's seq, epoch and history do not expire while a node has a user
+/// in it, however long since its last message; once its last user leaves
+/// (on any node), they expire after its `history_ttl`.
+#[test]
+fn room_state_expires_only_once_the_room_has_no_user() {
+    run(async {
+        let redis = Redis::start().await;
+        let a = Node::start(&redis).await;
+        let b = Node::start(&redis).await;
+        let quiet = room("quiet");
+        let keys = ["sb:{quiet}:seq", "sb:{quiet}:epoch", "sb:{quiet}:log"];
+        let short = Duration::from_secs(60);
+
+        // No user: the history TTL runs from the last message.
+        a.publish(&quiet, 10, short).await;
+        for key in keys {
+            let ttl: i64 = redis.query(&["PTTL", key]).await;
+            assert!(ttl > 0, "{key}: {ttl}");
+        }
+        // Users on two nodes: no expiry, also across publishes.
+        a.presence(&quiet, "ann", true).await;
+        b.presence(&quiet, "bob", true).await;
+        a.publish(&quiet, 10, short).await;
+        for key in keys {
+            let ttl: i64 = redis.query(&["PTTL", key]).await;
+            assert_eq!(ttl, -1, "{key}");
+        }
+        // One node's user leaves: still no expiry.
+        a.presence(&quiet, "ann", false).await;
+        for key in keys {
+            let ttl: i64 = redis.query(&["PTTL", key]).await;
+            assert_eq!(ttl, -1, "{key}");
+        }
+        // The last user leaves: the room's history_ttl starts.
+        b.presence(&quiet, "bob", false).await;
+        for key in keys {
+            let ttl: i64 = redis.query(&["PTTL", key]).await;
+            assert!(ttl > 0 && ttl <= 300_000, "{key}: {ttl}");
+        }
+    });
+}
+
+/// A node catching up from a position whose successors are no longer kept
+/// moves the room to a new epoch in Redis; a second node that missed the
+/// same messages finds that epoch rather than drawing its own, and a
+/// client's join from the old position (not a resync) draws none.
+#[test]
+fn a_resync_that_cannot_replay_draws_one_epoch_for_every_node() {
+    run(async {
+        let redis = Redis::start().await;
+        let a = Node::start(&redis).await;
+        let b = Node::start(&redis).await;
+        let lobby = room("lobby");
+        let mut first = String::new();
+        for _ in 0..6 {
+            first = a.publish(&lobby, 2, TTL).await.1;
+        }
+
+        // What a node missed is still kept: replayed, same epoch.
+        let state = a.resync(&lobby, (4, &first), "new-a").await;
+        assert_eq!(state.epoch.as_str(), first);
+        assert_eq!(state.replay.as_ref().map(Vec::len), Some(2));
+
+        // A client's join from a trimmed position: recovered false, no new epoch.
+        let join = a
+            .broker
+            .room_state(&lobby, Some((1, &first)), "not-this", TTL)
+            .await
+            .expect("the room's state");
+        assert!(join.replay.is_none());
+        assert_eq!(join.epoch.as_str(), first);
+
+        // A node's resync from a trimmed position: a new epoch, seq goes on.
+        let state = a.resync(&lobby, (1, &first), "second").await;
+        assert!(state.replay.is_none());
+        assert_eq!(state.epoch.as_str(), "second");
+        assert_eq!(state.seq, 6);
+        let stored: String = redis.query(&["GET", "sb:{lobby}:epoch"]).await;
+        assert_eq!(stored, "second");
+        // The other node, from the same old position: the same new epoch.
+        let state = b.resync(&lobby, (1, &first), "third").await;
+        assert!(state.replay.is_none());
+        assert_eq!(state.epoch.as_str(), "second");
+        // The next message is in it, after the old seqs.
+        assert_eq!(a.publish(&lobby, 2, TTL).await, (7, "second".to_owned()));
+        // A node that is ahead of the room (Redis lost messages it had
+        // delivered) also moves it on.
+        let state = b.resync(&lobby, (9, "second"), "fourth").await;
+        assert_eq!(state.epoch.as_str(), "fourth");
+        // Up to date: nothing changes.
+        let state = b.resync(&lobby, (7, "fourth"), "fifth").await;
+        assert_eq!(state.epoch.as_str(), "fourth");
+        assert_eq!(state.replay.map(|r| r.len()), Some(0));
+    });
+}
+
+/// With history 0 nothing can be replayed: a node that missed any message
+/// moves the room to a new epoch; one that missed nothing does not.
+#[test]
+fn a_resync_without_history_draws_an_epoch_only_after_a_miss() {
+    run(async {
+        let redis = Redis::start().await;
+        let a = Node::start(&redis).await;
+        let bare = room("bare");
+        let (_, epoch) = a.publish(&bare, 0, TTL).await;
+        let state = a.resync(&bare, (1, &epoch), "unused").await;
+        assert_eq!(state.epoch.as_str(), epoch);
+        assert!(state.replay.is_some());
+        a.publish(&bare, 0, TTL).await;
+        let state = a.resync(&bare, (1, &epoch), "after-a-miss").await;
+        assert_eq!(state.epoch.as_str(), "after-a-miss");
+        assert!(state.replay.is_none());
+    });
+}
