@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -80,23 +80,31 @@ fn read_log(path: &Path) -> String {
 
 // ---- processes ----------------------------------------------------------
 
-/// A `redis-server` child with no persistence; killed on drop.
+/// A `redis-server` child with no automatic persistence (only
+/// [`Redis::shutdown_save`] writes its data, which the next start on the
+/// same port loads); killed on drop.
 struct Redis {
     test: String,
     port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// Its data directory, fresh for each test.
+    dir: PathBuf,
     starts: u32,
 }
 
 impl Redis {
     async fn start(test: &str) -> Self {
         for _ in 0..5 {
+            let dir = log_path(test, "redis-data");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("create the Redis data directory");
             let mut redis = Self {
                 test: test.to_owned(),
                 port: free_port(),
                 child: None,
                 log: PathBuf::new(),
+                dir,
                 starts: 0,
             };
             if redis.spawn().await {
@@ -120,6 +128,8 @@ impl Redis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -159,7 +169,118 @@ impl Redis {
         }
     }
 
-    /// A fresh, empty server on the same port.
+    /// `SHUTDOWN SAVE`: the server writes its data to disk and exits; the
+    /// next [`Redis::restart`] loads it (as a Redis with persistence would
+    /// after an outage).
+    async fn shutdown_save(&mut self) {
+        let port = self.port;
+        within("redis-server to save and exit", async {
+            let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .expect("connect to Redis");
+            stream
+                .write_all(b"*2\r\n$8\r\nSHUTDOWN\r\n$4\r\nSAVE\r\n")
+                .await
+                .expect("send SHUTDOWN");
+            // It answers by closing the connection.
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+            while let Some(Ok(None)) = self.child.as_mut().map(Child::try_wait) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        self.child = None;
+    }
+
+    /// Sends one command and returns its reply.
+    async fn command(&self, args: &[&str]) -> Resp {
+        let port = self.port;
+        within(&format!("Redis {args:?}"), async {
+            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                .await
+                .expect("connect to Redis");
+            let mut stream = BufReader::new(stream);
+            let mut request = format!("*{}\r\n", args.len());
+            for arg in args {
+                request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+            }
+            stream
+                .get_mut()
+                .write_all(request.as_bytes())
+                .await
+                .expect("send a Redis command");
+            read_resp(&mut stream).await
+        })
+        .await
+    }
+
+    /// A command whose reply is an integer.
+    async fn int(&self, args: &[&str]) -> i64 {
+        match self.command(args).await {
+            Resp::Int(n) => n,
+            other => panic!("{args:?}: not an integer: {other:?}"),
+        }
+    }
+
+    /// A command whose reply is a bulk string (or nil).
+    async fn string(&self, args: &[&str]) -> Option<String> {
+        match self.command(args).await {
+            Resp::Bulk(bytes) => bytes.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            other => panic!("{args:?}: not a string: {other:?}"),
+        }
+    }
+
+    /// How many nodes subscribe to a channel (`PUBSUB NUMSUB`).
+    async fn subscribers(&self, channel: &str) -> i64 {
+        match self.command(&["PUBSUB", "NUMSUB", channel]).await {
+            Resp::Array(Some(items)) => match items.get(1) {
+                Some(Resp::Int(n)) => *n,
+                other => panic!("PUBSUB NUMSUB {channel}: {other:?}"),
+            },
+            other => panic!("PUBSUB NUMSUB {channel}: {other:?}"),
+        }
+    }
+
+    /// The room channels anyone subscribes to, sorted.
+    async fn room_channels(&self) -> Vec<String> {
+        match self.command(&["PUBSUB", "CHANNELS", "sb:r:*"]).await {
+            Resp::Array(Some(items)) => {
+                let mut names: Vec<String> = items
+                    .into_iter()
+                    .map(|item| match item {
+                        Resp::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+                        other => panic!("PUBSUB CHANNELS: {other:?}"),
+                    })
+                    .collect();
+                names.sort();
+                names
+            }
+            other => panic!("PUBSUB CHANNELS: {other:?}"),
+        }
+    }
+
+    /// Waits until `check` holds of what `probe` reads from Redis.
+    async fn wait_until<T: std::fmt::Debug, F: Future<Output = T>>(
+        &self,
+        what: &str,
+        probe: impl Fn() -> F,
+        check: impl Fn(&T) -> bool,
+    ) -> T {
+        within(what, async {
+            loop {
+                let value = probe().await;
+                if check(&value) {
+                    return value;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+    }
+
+    /// A fresh, empty server on the same port (or, after
+    /// [`Redis::shutdown_save`], one that loads what it saved).
     async fn restart(&mut self) {
         self.stop();
         let restarted = within("redis-server to restart on its port", async {
@@ -175,6 +296,60 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A Redis reply.
+#[derive(Debug, Clone, PartialEq)]
+enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Self>>),
+}
+
+fn read_resp(
+    stream: &mut BufReader<TcpStream>,
+) -> std::pin::Pin<Box<dyn Future<Output = Resp> + Send + '_>> {
+    Box::pin(async move {
+        let mut line = String::new();
+        stream
+            .read_line(&mut line)
+            .await
+            .expect("read a Redis reply");
+        let line = line.trim_end_matches("\r\n");
+        assert!(!line.is_empty(), "Redis closed the connection");
+        let (kind, rest) = line.split_at(1);
+        let number = || rest.parse::<i64>().expect("a number in a Redis reply");
+        match kind {
+            "+" => Resp::Simple(rest.to_owned()),
+            "-" => Resp::Error(rest.to_owned()),
+            ":" => Resp::Int(number()),
+            "$" => match usize::try_from(number()) {
+                Ok(len) => {
+                    let mut bytes = vec![0; len + 2];
+                    stream
+                        .read_exact(&mut bytes)
+                        .await
+                        .expect("read a bulk string");
+                    bytes.truncate(len);
+                    Resp::Bulk(Some(bytes))
+                }
+                Err(_) => Resp::Bulk(None),
+            },
+            "*" => match usize::try_from(number()) {
+                Ok(len) => {
+                    let mut items = Vec::with_capacity(len);
+                    for _ in 0..len {
+                        items.push(read_resp(stream).await);
+                    }
+                    Resp::Array(Some(items))
+                }
+                Err(_) => Resp::Array(None),
+            },
+            _ => panic!("not a Redis reply: {line}"),
+        }
+    })
 }
 
 async fn ping_redis(port: u16) -> bool {
@@ -267,6 +442,16 @@ impl Node {
             self.name,
             read_log(&self.log)
         );
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to the process.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} node {}", self.name);
     }
 
     /// SIGKILL: no goodbye to Redis, no cleanup.
@@ -565,6 +750,60 @@ impl Client {
             .collect();
         assert_eq!(list["count"], members.len(), "{list}");
         members
+    }
+
+    /// The room's member list, or `None` when the node refused (`unavailable`).
+    async fn try_presence_list(&mut self, room: &str) -> Option<Vec<String>> {
+        let id = format!("who-{room}");
+        self.send(json!({"type": "presence", "room": room, "id": id}))
+            .await;
+        let list = self
+            .wait_for("a presence list", |f| {
+                (f["type"] == "presence" && f["action"] == "list" && f["room"] == room)
+                    || (f["type"] == "error" && f["id"] == id)
+            })
+            .await;
+        if list["type"] == "error" {
+            assert_eq!(list["code"], "unavailable", "{}: {list}", self.user);
+            return None;
+        }
+        let ack = self.answer(&id).await;
+        assert_eq!(ack["type"], "ack");
+        let mut members: Vec<String> = list["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .map(|m| m.as_str().expect("a user name").to_owned())
+            .collect();
+        members.sort();
+        Some(members)
+    }
+
+    /// Asks for the member list until it is `expected` (presence that is
+    /// being brought up to date).
+    async fn wait_for_members(&mut self, room: &str, expected: &[&str]) {
+        let expected = users(expected);
+        let what = format!("{} to see {expected:?} in {room}", self.user);
+        let mut last = None;
+        let outcome = tokio::time::timeout(WAIT, async {
+            loop {
+                last = self.try_presence_list(room).await;
+                if last.as_ref() == Some(&expected) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert!(outcome.is_ok(), "timed out: {what}; last seen {last:?}");
+    }
+
+    async fn leave(&mut self, room: &str) {
+        let id = format!("leave-{room}");
+        let answer = self
+            .request(json!({"type": "leave", "room": room, "id": id}))
+            .await;
+        assert_eq!(answer["type"], "ack", "{}: {answer}", self.user);
     }
 
     async fn close(mut self) {
@@ -1132,6 +1371,15 @@ fn redis_outage_and_restart() {
             })
             .await;
         }
+        // Each member was told that the room's history was lost.
+        for client in [&mut ann, &mut bob] {
+            let reset = client
+                .wait_for("joined again", |f| {
+                    f["type"] == "joined" && f["room"] == "room"
+                })
+                .await;
+            assert_eq!(reset["recovered"], false, "{}: {reset}", client.user);
+        }
         // From here on, every message reaches both, once, in order.
         let answer = ann
             .request(json!({"type": "publish", "room": "room", "id": "up", "data": {"by": "ann"}}))
@@ -1389,4 +1637,404 @@ fn joins_while_messages_flow() {
             node.assert_running();
         }
     });
+}
+
+/// Subscriptions follow membership: a node subscribes to a room's channel
+/// only while it has members there (one subscription however many), not to
+/// rooms it only publishes to, and unsubscribes when its last member leaves;
+/// user channels follow sessions the same way.
+#[test]
+fn subscriptions_follow_membership() {
+    run(async {
+        let test = "subscriptions";
+        let redis = Redis::start(test).await;
+        let a = Node::start(test, "a", &redis, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+        assert!(redis.room_channels().await.is_empty());
+
+        // A join is answered once its node subscribed to the room.
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("hall").await;
+        assert_eq!(redis.subscribers("sb:r:hall").await, 1);
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("den").await;
+        assert_eq!(redis.subscribers("sb:r:den").await, 1);
+        assert_eq!(redis.room_channels().await, ["sb:r:den", "sb:r:hall"]);
+        // Publishing to a room with no member anywhere subscribes no node.
+        api_publish(&a, "empty", json!(1)).await;
+        api_publish(&b, "empty", json!(2)).await;
+        assert_eq!(redis.room_channels().await, ["sb:r:den", "sb:r:hall"]);
+
+        // Bob joins hall: node b subscribes too; ann's second tab adds nothing.
+        bob.join("hall").await;
+        let mut ann2 = Client::connect(&a, "ann").await;
+        ann2.join("hall").await;
+        assert_eq!(redis.subscribers("sb:r:hall").await, 2);
+
+        // Ann's first tab leaves: node a has a member still, and hears hall.
+        ann.leave("hall").await;
+        api_publish(&b, "hall", json!({"fence": true})).await;
+        assert_eq!(ann2.messages_until_fence("hall").await.len(), 1);
+        assert_eq!(redis.subscribers("sb:r:hall").await, 2);
+        // Its last member there leaves: node a unsubscribes.
+        ann2.leave("hall").await;
+        redis
+            .wait_until(
+                "node a to unsubscribe from hall",
+                || redis.subscribers("sb:r:hall"),
+                |n| *n == 1,
+            )
+            .await;
+        bob.leave("den").await;
+        redis
+            .wait_until(
+                "node b to unsubscribe from den",
+                || redis.room_channels(),
+                |channels| channels == &["sb:r:hall"],
+            )
+            .await;
+        bob.close().await;
+        redis
+            .wait_until(
+                "no room channel subscribed",
+                || redis.room_channels(),
+                Vec::is_empty,
+            )
+            .await;
+
+        // Ann has two sessions on node a: one subscription to her channel,
+        // until both are gone.
+        assert_eq!(redis.subscribers("sb:u:ann").await, 1);
+        ann.close().await;
+        ann2.close().await;
+        redis
+            .wait_until(
+                "node a to unsubscribe from ann's channel",
+                || redis.subscribers("sb:u:ann"),
+                |n| *n == 0,
+            )
+            .await;
+    });
+}
+
+/// A quiet room keeps its seq, epoch and history while it has members on
+/// any node, however long since its last message (here longer than its
+/// 1-second history TTL): no spurious new epoch. The TTL starts once its
+/// last member in the cluster left.
+#[test]
+fn history_lives_while_the_room_has_members() {
+    run(async {
+        let test = "quiet";
+        let redis = Redis::start(test).await;
+        let ttl = ["--history-ttl-secs", "1"];
+        let a = Node::start(test, "a", &redis, &ttl).await;
+        let b = Node::start(test, "b", &redis, &ttl).await;
+        let keys = ["sb:{quiet}:seq", "sb:{quiet}:epoch", "sb:{quiet}:log"];
+
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("quiet").await;
+        for i in 1..=2 {
+            api_publish(&a, "quiet", json!({"i": i})).await;
+        }
+        let mut epoch = String::new();
+        for i in 1..=2u64 {
+            let message = ann.next_message().await;
+            assert_eq!(seq(&message), i);
+            epoch = message["epoch"].as_str().expect("epoch").to_owned();
+        }
+        for key in keys {
+            assert_eq!(redis.int(&["PTTL", key]).await, -1, "{key} expires");
+        }
+        // Longer than the history TTL without a message: not a reason to
+        // forget the room (not an assertion on time: waiting longer changes
+        // nothing).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let answer = api_publish(&b, "quiet", json!({"i": 3})).await;
+        assert_eq!(
+            (&answer["seq"], &answer["epoch"]),
+            (&json!(3), &json!(epoch))
+        );
+        assert_eq!(seq(&ann.next_message().await), 3);
+        let mut bob = Client::connect(&b, "bob").await;
+        let (replay, joined) = bob.join_since("quiet", Some((2, &epoch))).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(replay.len(), 1, "{replay:?}");
+
+        // Ann leaves; bob, on the other node, is still in: still no expiry.
+        ann.leave("quiet").await;
+        bob.wait_for_members("quiet", &["bob"]).await;
+        for key in keys {
+            assert_eq!(redis.int(&["PTTL", key]).await, -1, "{key} expires");
+        }
+        // Bob leaves: the TTL starts, the history goes, and the room's next
+        // use starts a new epoch.
+        bob.leave("quiet").await;
+        redis
+            .wait_until(
+                "the room's history to expire",
+                || redis.int(&["EXISTS", "sb:{quiet}:epoch"]),
+                |n| *n == 0,
+            )
+            .await;
+        let (replay, joined) = bob.join_since("quiet", Some((3, &epoch))).await;
+        assert!(replay.is_empty(), "{replay:?}");
+        assert_eq!(joined["recovered"], false, "{joined}");
+        assert_ne!(joined["epoch"], epoch.as_str(), "{joined}");
+    });
+}
+
+/// Redis restarts empty while members stay connected: each node records
+/// their presence again (quietly: no join events for users who never
+/// left), so lists and counts span the nodes as before.
+#[test]
+fn presence_is_recorded_again_after_redis_restarts_empty() {
+    run(async {
+        let test = "represence";
+        let mut redis = Redis::start(test).await;
+        let a = Node::start(test, "a", &redis, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("hall").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("hall").await;
+        let mut bea = Client::connect(&b, "bea").await;
+        bea.join("hall").await;
+        for user in ["bob", "bea"] {
+            assert_eq!(ann.next_presence("hall").await["user"], user);
+        }
+        assert_eq!(bob.next_presence("hall").await["user"], "bea");
+
+        redis.restart().await;
+
+        for client in [&mut ann, &mut bob, &mut bea] {
+            client
+                .wait_for_members("hall", &["ann", "bea", "bob"])
+                .await;
+        }
+        // The room's state does not expire while they are in it.
+        redis
+            .wait_until(
+                "the room's epoch to be back",
+                || redis.int(&["EXISTS", "sb:{hall}:epoch"]),
+                |n| *n == 1,
+            )
+            .await;
+        assert_eq!(redis.int(&["PTTL", "sb:{hall}:epoch"]).await, -1);
+        // A newcomer counts everyone; the first presence event the others
+        // see after the restart is its join.
+        let mut cid = Client::connect(&a, "cid").await;
+        assert_eq!(cid.join("hall").await["members"], 4);
+        for client in [&mut ann, &mut bob, &mut bea] {
+            let event = client.next_presence("hall").await;
+            assert_eq!(
+                (&event["action"], &event["user"], &event["count"]),
+                (&json!("join"), &json!("cid"), &json!(4)),
+                "{}: {event}",
+                client.user
+            );
+        }
+        bea.close().await;
+        let event = cid.next_presence("hall").await;
+        assert_eq!(
+            (&event["action"], &event["user"], &event["count"]),
+            (&json!("leave"), &json!("bea"), &json!(3)),
+            "{event}"
+        );
+    });
+}
+
+/// Redis goes away with its data saved, and comes back with it: leaves
+/// that happened meanwhile (a `leave`, a closed session) could not be
+/// recorded then, and are once it is back, so no ghost stays in presence.
+#[test]
+fn leaves_during_an_outage_reach_redis_once_it_is_back() {
+    run(async {
+        let test = "ghost";
+        let mut redis = Redis::start(test).await;
+        // No node is reaped during the test: only the retried leaves can
+        // remove ann and cid.
+        let ttl = ["--redis-node-ttl-ms", "120000"];
+        let mut a = Node::start(test, "a", &redis, &ttl).await;
+        let mut b = Node::start(test, "b", &redis, &ttl).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("hall").await;
+        let mut cid = Client::connect(&a, "cid").await;
+        cid.join("hall").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("hall").await;
+        assert_eq!(
+            bob.presence_list("hall").await,
+            users(&["ann", "bob", "cid"])
+        );
+
+        redis.shutdown_save().await;
+        ann.leave("hall").await;
+        cid.close().await;
+        ann.assert_answers_ping("alive").await;
+        redis.restart().await;
+
+        bob.wait_for_members("hall", &["bob"]).await;
+        ann.join("hall").await;
+        bob.wait_for_members("hall", &["ann", "bob"]).await;
+        a.assert_running();
+        b.assert_running();
+    });
+}
+
+/// A join refused during an outage undoes its presence; once Redis is back
+/// (with its data) the undo reaches it, and must change nothing: the user's
+/// record from another node stays, and no leave is announced.
+#[test]
+fn a_refused_join_does_not_remove_presence_another_node_recorded() {
+    run(async {
+        let test = "undo";
+        let mut redis = Redis::start(test).await;
+        let ttl = ["--redis-node-ttl-ms", "120000"];
+        let a = Node::start(test, "a", &redis, &ttl).await;
+        let b = Node::start(test, "b", &redis, &ttl).await;
+        let mut ann_on_b = Client::connect(&b, "ann").await;
+        ann_on_b.join("hall").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("hall").await;
+        let mut ann_on_a = Client::connect(&a, "ann").await;
+
+        redis.shutdown_save().await;
+        let answer = ann_on_a
+            .request(json!({"type": "join", "room": "hall", "id": "j"}))
+            .await;
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+        redis.restart().await;
+
+        // Node a tells Redis of the undo once it is back.
+        within("node a's undo to reach Redis", async {
+            loop {
+                let log = read_log(&a.log);
+                if log
+                    .lines()
+                    .any(|l| l.contains("presence recorded after a retry") && l.contains("ann"))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(bob.presence_list("hall").await, users(&["ann", "bob"]));
+        // The next presence event bob sees is dee's join: no leave of ann.
+        let mut dee = Client::connect(&a, "dee").await;
+        assert_eq!(dee.join("hall").await["members"], 3);
+        let event = bob.next_presence("hall").await;
+        assert_eq!(
+            (&event["action"], &event["user"], &event["count"]),
+            (&json!("join"), &json!("dee"), &json!(3)),
+            "{event}"
+        );
+        // Ann's tab on a joins now; her tab on b leaving announces nothing.
+        ann_on_a.join("hall").await;
+        ann_on_b.leave("hall").await;
+        ann_on_b.assert_answers_ping("after-leave").await;
+        assert_eq!(
+            dee.presence_list("hall").await,
+            users(&["ann", "bob", "dee"])
+        );
+    });
+}
+
+/// Nodes lose their Redis subscription while messages are published that
+/// they cannot replay afterwards (history 2, then history 0): each tells
+/// its members `joined` with `recovered: false`, in one new epoch that Redis
+/// holds for the whole room, never a silent hole.
+#[test]
+fn missed_messages_that_cannot_be_replayed_start_one_new_epoch() {
+    for history in ["2", "0"] {
+        run(missed_messages(history));
+    }
+}
+
+async fn missed_messages(history: &str) {
+    let test = format!("hole-{history}");
+    let redis = Redis::start(&test).await;
+    let args = ["--history", history];
+    let mut a = Node::start(&test, "a", &redis, &args).await;
+    let mut b = Node::start(&test, "b", &redis, &args).await;
+    let mut c = Node::start(&test, "c", &redis, &args).await;
+    let mut ann = Client::connect(&a, "ann").await;
+    ann.join("room").await;
+    let mut cat = Client::connect(&c, "cat").await;
+    cat.join("room").await;
+    for i in 1..=3 {
+        api_publish(&b, "room", json!({"i": i})).await;
+    }
+    let mut epoch = String::new();
+    for client in [&mut ann, &mut cat] {
+        for i in 1..=3u64 {
+            let message = client.next_message().await;
+            assert_eq!(seq(&message), i, "{}", client.user);
+            epoch = message["epoch"].as_str().expect("epoch").to_owned();
+        }
+    }
+
+    // Nodes a and c stop; Redis drops their subscriptions (node b has
+    // none); b publishes on; a and c go on.
+    a.signal("STOP");
+    c.signal("STOP");
+    let dropped = redis.int(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    for i in 4..=8 {
+        api_publish(&b, "room", json!({"i": i})).await;
+    }
+    a.signal("CONT");
+    c.signal("CONT");
+    assert_eq!(dropped, 2, "the subscriptions of nodes a and c");
+
+    let mut epochs = BTreeSet::new();
+    for client in [&mut ann, &mut cat] {
+        let reset = client
+            .wait_for("joined again", |f| {
+                f["type"] == "joined" && f["room"] == "room"
+            })
+            .await;
+        assert_eq!(reset["recovered"], false, "{}: {reset}", client.user);
+        assert_eq!(reset["seq"], 8, "{}: {reset}", client.user);
+        assert_ne!(reset["epoch"], epoch.as_str(), "{}: {reset}", client.user);
+        let silent: Vec<&Value> = client
+            .pending
+            .iter()
+            .filter(|f| f["type"] == "message")
+            .collect();
+        assert!(silent.is_empty(), "{}: {silent:?}", client.user);
+        epochs.insert(reset["epoch"].as_str().expect("epoch").to_owned());
+    }
+    assert_eq!(epochs.len(), 1, "one new epoch for every node: {epochs:?}");
+    let new_epoch = epochs.pop_first().expect("the new epoch");
+    assert_eq!(
+        redis.string(&["GET", "sb:{room}:epoch"]).await.as_deref(),
+        Some(new_epoch.as_str())
+    );
+
+    // Live delivery goes on in it on every node.
+    api_publish(&b, "room", json!({"fence": true})).await;
+    for client in [&mut ann, &mut cat] {
+        let messages = client.messages_until_fence("room").await;
+        assert_eq!(messages.len(), 1, "{}: {messages:?}", client.user);
+        assert_eq!(seq(&messages[0]), 9);
+        assert_eq!(messages[0]["epoch"], new_epoch.as_str());
+        client.assert_no_more_messages().await;
+    }
+    // From before the hole: not recoverable, on any node.
+    let mut late = Client::connect(&b, "late").await;
+    let (replay, joined) = late.join_since("room", Some((3, &epoch))).await;
+    assert!(replay.is_empty(), "{replay:?}");
+    assert_eq!(joined["recovered"], false, "{joined}");
+    assert_eq!(joined["epoch"], new_epoch.as_str(), "{joined}");
+    if history != "0" {
+        // From the reset position, in the new epoch: recoverable.
+        let mut again = Client::connect(&a, "again").await;
+        let (replay, joined) = again.join_since("room", Some((8, &new_epoch))).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_consecutive("again", &replay, 9);
+        assert_eq!(replay.len(), 1, "{replay:?}");
+    }
+    for node in [&mut a, &mut b, &mut c] {
+        node.assert_running();
+    }
 }
