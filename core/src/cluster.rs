@@ -709,7 +709,7 @@ impl Hub {
         for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
             r.resync_buffer.get_or_insert_with(Vec::new);
             let mut present: Vec<PresenceNote> = Vec::with_capacity(r.users.len());
-            let mut seen = std::collections::HashSet::with_capacity(r.users.len());
+            let mut seen = std::collections::BTreeSet::new();
             for key in r.members.keys() {
                 let Some(session) = self.sessions.get(*key) else {
                     continue;
