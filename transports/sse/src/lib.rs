@@ -346,7 +346,9 @@ fn stream_session(session: Arc<Session>, registration: Registration, cursor: Cur
         if state.done {
             return None; // dropping the state drops the session
         }
-        let drained = state.session.outbox().recv(&mut state.batch).await;
+        let outbox = state.session.outbox();
+        let drained = outbox.recv(&mut state.batch).await;
+        let drained = outbox.coalesce(&mut state.batch, drained).await;
         let mut out = BytesMut::with_capacity(state.batch.iter().map(|f| f.bytes.len() + 64).sum());
         if state.first {
             // Reconnect quickly after a drop; the cursor makes it lossless.

@@ -215,21 +215,7 @@ where
                 }
             },
         };
-        let drained = match drained {
-            Drained::Frames => {
-                // Let the tasks that are ready run first (under load, the
-                // publishers whose messages woke this writer): what they
-                // queue meanwhile goes out in this same write. Fewer, larger
-                // writes are most of the cost of a busy fan-out; when idle
-                // this costs one trip through the scheduler.
-                tokio::task::yield_now().await;
-                session
-                    .outbox()
-                    .try_recv(&mut batch)
-                    .unwrap_or(Drained::Frames)
-            }
-            closed => closed,
-        };
+        let drained = session.outbox().coalesce(&mut batch, drained).await;
         let written =
             tokio::time::timeout(write_timeout, write_batch(session, ws, &mut batch)).await;
         if !matches!(written, Ok(Ok(()))) {
