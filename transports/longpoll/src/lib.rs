@@ -250,22 +250,13 @@ impl LongPoll {
         B: Body,
         B::Error: std::error::Error + Send + Sync + 'static,
     {
-        if request.method() != Method::POST {
-            return http_api::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidFrame,
-                "use POST",
-            );
-        }
-        let (parts, body) = request.into_parts();
-        let identity = match self.switchboard.identify(&parts).await {
-            Ok(identity) => identity,
-            Err(refusal) => {
-                return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
-            }
-        };
-        let sid = match http_api::sid_param(&parts) {
-            Ok(sid) => sid,
+        let http_api::ClientPost {
+            identity,
+            sid,
+            body,
+            ..
+        } = match http_api::client_post(&self.switchboard, request).await {
+            Ok(post) => post,
             Err(response) => return response,
         };
         match self.find(&sid, identity.user.as_str()) {

@@ -266,6 +266,50 @@ pub fn no_such_session() -> Response<Bytes> {
     )
 }
 
+/// A client's `POST …/send?sid=…` that passed the checks every transport
+/// makes first (see [`client_post`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ClientPost<B> {
+    /// Who sent it: the transport checks the session is theirs.
+    pub identity: switchboard_core::Identity,
+    /// The session it names.
+    pub sid: String,
+    /// The frames, still unread (see [`apply_frames`]).
+    pub body: B,
+}
+
+/// The checks of a client's `POST …/send?sid=…` shared by SSE and long-poll:
+/// the method, origin and credentials (through [`Switchboard::identify`], so
+/// sessions still send during the shutdown grace period), and a `sid`.
+///
+/// # Errors
+/// The answer to give: 405, the refusal's status (403), or 400 without `sid`.
+#[allow(clippy::result_large_err)]
+pub async fn client_post<B>(
+    switchboard: &Switchboard,
+    request: Request<B>,
+) -> Result<ClientPost<B>, Response<Bytes>> {
+    if request.method() != Method::POST {
+        return Err(error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidFrame,
+            "use POST",
+        ));
+    }
+    let (parts, body) = request.into_parts();
+    let identity = switchboard
+        .identify(&parts)
+        .await
+        .map_err(|refusal| error(refusal.http_status(), refusal.code, &refusal.message))?;
+    let sid = sid_param(&parts)?;
+    Ok(ClientPost {
+        identity,
+        sid,
+        body,
+    })
+}
+
 /// The `sid` query parameter of a request on an existing session.
 ///
 /// # Errors

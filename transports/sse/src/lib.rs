@@ -33,7 +33,7 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::{self, Stream, StreamExt};
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use switchboard_core::{ErrorCode, FrameKind, Liveness};
 use switchboard_runtime::http_api;
@@ -254,22 +254,13 @@ impl Sse {
                 "this server takes no client frames over SSE (server push only)",
             );
         }
-        if request.method() != Method::POST {
-            return http_api::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidFrame,
-                "use POST",
-            );
-        }
-        let (parts, body) = request.into_parts();
-        let identity = match self.switchboard.identify(&parts).await {
-            Ok(identity) => identity,
-            Err(refusal) => {
-                return http_api::error(refusal.http_status(), refusal.code, &refusal.message)
-            }
-        };
-        let sid = match http_api::sid_param(&parts) {
-            Ok(sid) => sid,
+        let http_api::ClientPost {
+            identity,
+            sid,
+            body,
+            ..
+        } = match http_api::client_post(&self.switchboard, request).await {
+            Ok(post) => post,
             Err(response) => return response,
         };
         let session = self.lock().get(&sid).and_then(Weak::upgrade).filter(|s| {
