@@ -886,7 +886,7 @@ fn live_members(
 ) -> Recipients {
     let held_back = seq.is_some() && !r.live_after.is_empty();
     if r.syncing.is_empty() && !held_back && (!presence_only || r.quiet_members == 0) {
-        return Recipients::shared(r.members_shared(), except);
+        return r.members_except(except);
     }
     let covered = |k: &SessionKey| {
         seq.is_some_and(|seq| r.live_after.get(k).is_some_and(|after| seq <= *after))

@@ -875,7 +875,7 @@ impl Hub {
         r.seq = seq;
         r.last_activity = now;
         r.remember(seq, frame.clone());
-        let recipients = Recipients::shared(r.members_shared(), except);
+        let recipients = r.members_except(except);
         let kind = FrameKind::Message {
             room: r.name.clone(),
             seq,
@@ -914,7 +914,7 @@ impl Hub {
         }
         .encode();
         let recipients = if r.quiet_members == 0 {
-            Recipients::shared(r.members_shared(), Some(subject))
+            r.members_except(Some(subject))
         } else {
             Recipients::list(
                 r.members

@@ -112,7 +112,10 @@ impl Recipients {
         Self(Repr::List(keys))
     }
 
+    /// `except`, when given, must be one of `members` (see
+    /// `Room::members_except`), so that [`Recipients::len`] is O(1).
     pub(crate) fn shared(members: Arc<[SessionKey]>, except: Option<SessionKey>) -> Self {
+        debug_assert!(except.is_none_or(|e| members.contains(&e)));
         Self(Repr::Shared { members, except })
     }
 
@@ -132,9 +135,7 @@ impl Recipients {
         match &self.0 {
             Repr::One(_) => 1,
             Repr::List(keys) => keys.len(),
-            Repr::Shared { members, except } => {
-                members.len() - usize::from(except.is_some_and(|e| members.contains(&e)))
-            }
+            Repr::Shared { members, except } => members.len() - usize::from(except.is_some()),
         }
     }
 

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 
 use crate::ids::{Epoch, RoomName, SessionKey, UserId};
+use crate::output::Recipients;
 use crate::policy::RoomOptions;
 use crate::time::Timestamp;
 use crate::HashState;
@@ -116,6 +117,13 @@ impl Room {
     }
 
     /// All members, shared; rebuilt only after membership changed.
+    /// Every member but `except`, sharing the room's member list.
+    pub(crate) fn members_except(&mut self, except: Option<SessionKey>) -> Recipients {
+        // O(1) here keeps `Recipients::len` from scanning the list for it.
+        let except = except.filter(|k| self.members.contains_key(k));
+        Recipients::shared(self.members_shared(), except)
+    }
+
     pub(crate) fn members_shared(&mut self) -> Arc<[SessionKey]> {
         self.snapshot
             .get_or_insert_with(|| self.members.keys().copied().collect())
