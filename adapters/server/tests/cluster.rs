@@ -811,6 +811,16 @@ impl Client {
     }
 }
 
+/// Asserts a `presence` event's action, user and count; `who` received it.
+#[track_caller]
+fn assert_presence(event: &Value, action: &str, user: &str, count: u64, who: &str) {
+    assert_eq!(
+        (&event["action"], &event["user"], &event["count"]),
+        (&json!(action), &json!(user), &json!(count)),
+        "{who}: {event}"
+    );
+}
+
 fn seq(message: &Value) -> u64 {
     message["seq"].as_u64().expect("a message seq")
 }
@@ -1145,23 +1155,14 @@ fn presence_across_nodes() {
         let joined = bob.join("hall").await;
         assert_eq!(joined["members"], 2, "{joined}");
         let event = ann.next_presence("hall").await;
-        assert_eq!(
-            (&event["action"], &event["user"], &event["count"]),
-            (&json!("join"), &json!("bob"), &json!(2)),
-            "{event}"
-        );
+        assert_presence(&event, "join", "bob", 2, "");
 
         let mut cid = Client::connect(&a, "cid").await;
         let joined = cid.join("hall").await;
         assert_eq!(joined["members"], 3, "{joined}");
         for client in [&mut ann, &mut bob] {
             let event = client.next_presence("hall").await;
-            assert_eq!(
-                (&event["action"], &event["user"], &event["count"]),
-                (&json!("join"), &json!("cid"), &json!(3)),
-                "{}: {event}",
-                client.user
-            );
+            assert_presence(&event, "join", "cid", 3, &client.user);
         }
 
         // Bob's second tab, on the other node: he is present already.
@@ -1181,32 +1182,19 @@ fn presence_across_nodes() {
         assert_eq!(answer["type"], "ack", "{answer}");
         for client in [&mut ann, &mut bob, &mut bob_on_a] {
             let event = client.next_presence("hall").await;
-            assert_eq!(
-                (&event["action"], &event["user"], &event["count"]),
-                (&json!("leave"), &json!("cid"), &json!(2)),
-                "{}: {event}",
-                client.user
-            );
+            assert_presence(&event, "leave", "cid", 2, &client.user);
         }
 
         // Bob closes his tab on b, then the one on a: one leave, after the last.
         bob.close().await;
         bob_on_a.close().await;
         let event = ann.next_presence("hall").await;
-        assert_eq!(
-            (&event["action"], &event["user"], &event["count"]),
-            (&json!("leave"), &json!("bob"), &json!(1)),
-            "{event}"
-        );
+        assert_presence(&event, "leave", "bob", 1, "");
         // The next event is the next join: no second leave for bob.
         let mut dee = Client::connect(&b, "dee").await;
         dee.join("hall").await;
         let event = ann.next_presence("hall").await;
-        assert_eq!(
-            (&event["action"], &event["user"], &event["count"]),
-            (&json!("join"), &json!("dee"), &json!(2)),
-            "{event}"
-        );
+        assert_presence(&event, "join", "dee", 2, "");
         assert_eq!(ann.presence_list("hall").await, users(&["ann", "dee"]));
     });
 }
@@ -1826,20 +1814,11 @@ fn presence_is_recorded_again_after_redis_restarts_empty() {
         assert_eq!(cid.join("hall").await["members"], 4);
         for client in [&mut ann, &mut bob, &mut bea] {
             let event = client.next_presence("hall").await;
-            assert_eq!(
-                (&event["action"], &event["user"], &event["count"]),
-                (&json!("join"), &json!("cid"), &json!(4)),
-                "{}: {event}",
-                client.user
-            );
+            assert_presence(&event, "join", "cid", 4, &client.user);
         }
         bea.close().await;
         let event = cid.next_presence("hall").await;
-        assert_eq!(
-            (&event["action"], &event["user"], &event["count"]),
-            (&json!("leave"), &json!("bea"), &json!(3)),
-            "{event}"
-        );
+        assert_presence(&event, "leave", "bea", 3, "");
     });
 }
 
@@ -1924,11 +1903,7 @@ fn a_refused_join_does_not_remove_presence_another_node_recorded() {
         let mut dee = Client::connect(&a, "dee").await;
         assert_eq!(dee.join("hall").await["members"], 3);
         let event = bob.next_presence("hall").await;
-        assert_eq!(
-            (&event["action"], &event["user"], &event["count"]),
-            (&json!("join"), &json!("dee"), &json!(3)),
-            "{event}"
-        );
+        assert_presence(&event, "join", "dee", 3, "");
         // Ann's tab on a joins now; her tab on b leaving announces nothing.
         ann_on_a.join("hall").await;
         ann_on_b.leave("hall").await;
