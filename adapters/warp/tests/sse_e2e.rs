@@ -11,7 +11,6 @@ use common_http::{
     builder, check_error, config, error_cases, eventually, get, ping_burst, runtime_config,
     send_on, within, KnownUsers, Poller, Server, SseEvent, SseReader,
 };
-use futures_util::StreamExt;
 use http::StatusCode;
 use serde_json::{json, Value};
 use switchboard_runtime::AllowOrigins;
@@ -687,18 +686,7 @@ async fn sids_of_other_transports_take_no_frames_here() {
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
 
-    let (mut ws, _) = within(
-        "the WebSocket handshake",
-        tokio_tungstenite::connect_async(format!("ws://{}/ws?token=alice", server.addr)),
-    )
-    .await
-    .expect("WebSocket connect");
-    let welcome = within("the WebSocket welcome", ws.next())
-        .await
-        .expect("a welcome")
-        .expect("a message");
-    let welcome: Value = serde_json::from_str(welcome.to_text().expect("text")).expect("JSON");
-    let ws_sid = welcome["sid"].as_str().expect("a sid");
+    let (ws, ws_sid) = server.websocket("alice").await;
     server
         .post(
             &format!("/sse/send?sid={ws_sid}&token=alice"),

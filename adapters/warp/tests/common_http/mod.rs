@@ -182,6 +182,30 @@ impl Server {
         SseReader::open(self.send(request).await)
     }
 
+    /// Opens a WebSocket session as `token`; returns it with its sid.
+    pub(crate) async fn websocket(
+        &self,
+        token: &str,
+    ) -> (
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+        String,
+    ) {
+        use futures_util::StreamExt;
+        let (mut ws, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", self.addr)),
+        )
+        .await
+        .expect("WebSocket connect");
+        let welcome = within("the WebSocket welcome", ws.next())
+            .await
+            .expect("a welcome")
+            .expect("a message");
+        let welcome: Value = serde_json::from_str(welcome.to_text().expect("text")).expect("JSON");
+        let sid = welcome["sid"].as_str().expect("a sid").to_owned();
+        (ws, sid)
+    }
+
     /// Publishes from the server side, as the application does.
     pub(crate) async fn publish(&self, room: &str, data: Value) -> u64 {
         self.switchboard
