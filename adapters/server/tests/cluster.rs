@@ -821,6 +821,23 @@ fn assert_presence(event: &Value, action: &str, user: &str, count: u64, who: &st
     );
 }
 
+/// Publishes `{"i": 1..=n}` to `room` through `node`'s HTTP API, checks that
+/// every client receives seq 1 to n, and returns the room's epoch.
+async fn publish_first(node: &Node, room: &str, n: u64, clients: &mut [&mut Client]) -> String {
+    for i in 1..=n {
+        api_publish(node, room, json!({"i": i})).await;
+    }
+    let mut epoch = String::new();
+    for client in clients.iter_mut() {
+        for i in 1..=n {
+            let message = client.next_message().await;
+            assert_eq!(seq(&message), i, "{}", client.user);
+            epoch = message["epoch"].as_str().expect("epoch").to_owned();
+        }
+    }
+    epoch
+}
+
 fn seq(message: &Value) -> u64 {
     message["seq"].as_u64().expect("a message seq")
 }
@@ -1273,17 +1290,7 @@ fn redis_outage_and_restart() {
         ann.join("room").await;
         let mut bob = Client::connect(&b, "bob").await;
         bob.join("room").await;
-        for i in 1..=3 {
-            api_publish(&a, "room", json!({"i": i})).await;
-        }
-        let mut epoch = String::new();
-        for client in [&mut ann, &mut bob] {
-            for i in 1..=3u64 {
-                let message = client.next_message().await;
-                assert_eq!(seq(&message), i, "{}", client.user);
-                epoch = message["epoch"].as_str().expect("epoch").to_owned();
-            }
-        }
+        let epoch = publish_first(&a, "room", 3, &mut [&mut ann, &mut bob]).await;
 
         redis.stop();
 
@@ -1721,15 +1728,7 @@ fn history_lives_while_the_room_has_members() {
 
         let mut ann = Client::connect(&a, "ann").await;
         ann.join("quiet").await;
-        for i in 1..=2 {
-            api_publish(&a, "quiet", json!({"i": i})).await;
-        }
-        let mut epoch = String::new();
-        for i in 1..=2u64 {
-            let message = ann.next_message().await;
-            assert_eq!(seq(&message), i);
-            epoch = message["epoch"].as_str().expect("epoch").to_owned();
-        }
+        let epoch = publish_first(&a, "quiet", 2, &mut [&mut ann]).await;
         for key in keys {
             assert_eq!(redis.int(&["PTTL", key]).await, -1, "{key} expires");
         }
@@ -1937,17 +1936,7 @@ async fn missed_messages(history: &str) {
     ann.join("room").await;
     let mut cat = Client::connect(&c, "cat").await;
     cat.join("room").await;
-    for i in 1..=3 {
-        api_publish(&b, "room", json!({"i": i})).await;
-    }
-    let mut epoch = String::new();
-    for client in [&mut ann, &mut cat] {
-        for i in 1..=3u64 {
-            let message = client.next_message().await;
-            assert_eq!(seq(&message), i, "{}", client.user);
-            epoch = message["epoch"].as_str().expect("epoch").to_owned();
-        }
-    }
+    let epoch = publish_first(&b, "room", 3, &mut [&mut ann, &mut cat]).await;
 
     // Nodes a and c stop; Redis drops their subscriptions (node b has
     // none); b publishes on; a and c go on.
