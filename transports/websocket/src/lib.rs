@@ -25,6 +25,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use switchboard_core::codec::encode_refusal;
 use switchboard_core::{CloseReason, Identity, Liveness};
@@ -66,13 +67,17 @@ pub fn websocket_config(switchboard: &Switchboard) -> WebSocketConfig {
 /// Whether a request asks for a WebSocket upgrade.
 #[must_use]
 pub fn is_upgrade_request<B>(request: &Request<B>) -> bool {
+    asks_for_upgrade(request.method(), request.headers())
+}
+
+fn asks_for_upgrade(method: &http::Method, headers: &http::HeaderMap) -> bool {
     let has_token = |name: header::HeaderName, token: &str| {
-        request.headers().get_all(name).iter().any(|v| {
+        headers.get_all(name).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
-    request.method() == http::Method::GET
+    method == http::Method::GET
         && has_token(header::CONNECTION, "upgrade")
         && has_token(header::UPGRADE, "websocket")
 }
@@ -81,19 +86,54 @@ pub fn is_upgrade_request<B>(request: &Request<B>) -> bool {
 /// session on the upgraded connection.
 ///
 /// The request must come from a hyper server with upgrades enabled (warp,
-/// axum and `hyper::server::conn::http1` with `.with_upgrades()` all qualify).
-/// A refused client still gets the upgrade, then an `error` frame and a close
-/// with 1008 (or 1013 when full), which a browser can read; an HTTP status it
-/// could not.
+/// axum and `hyper::server::conn::http1` with `.with_upgrades()` all qualify):
+/// without hyper's upgrade handle in its extensions it answers 500. A refused
+/// client still gets the upgrade, then an `error` frame and a close with 1008
+/// (or 1013 when full), which a browser can read; an HTTP status it could not.
 pub async fn upgrade<B>(
     switchboard: &Switchboard,
     mut request: Request<B>,
 ) -> Response<Empty<Bytes>> {
-    if !is_upgrade_request(&request) {
-        return status(StatusCode::BAD_REQUEST);
+    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
+        tracing::warn!(
+            "a WebSocket request without hyper's upgrade handle: serve with upgrades on"
+        );
+        return status(StatusCode::INTERNAL_SERVER_ERROR);
+    };
+    let (parts, _body) = request.into_parts();
+    let accepted = match handshake(switchboard, &parts).await {
+        Ok(accepted) => accepted,
+        Err(response) => return response,
+    };
+    let response = accepted.response();
+    switchboard.tasks().spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => accepted.run(TokioIo::new(upgraded)).await,
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    response
+}
+
+/// Checks a WebSocket handshake request (RFC 6455 §4.2.1) and admits the
+/// client (origin, credentials), for servers that hand over the upgraded
+/// connection themselves rather than through hyper's upgrade handle (the
+/// actix-web adapter). Answer with [`Accepted::response`], then run the
+/// session on the raw connection with [`Accepted::run`].
+///
+/// # Errors
+/// The response for a request that is no valid handshake: 400, or 426 with
+/// `Sec-WebSocket-Version: 13` for another protocol version.
+#[allow(clippy::result_large_err)] // the error is the finished answer
+pub async fn handshake(
+    switchboard: &Switchboard,
+    parts: &http::request::Parts,
+) -> Result<Accepted, Response<Empty<Bytes>>> {
+    if !asks_for_upgrade(&parts.method, &parts.headers) {
+        return Err(status(StatusCode::BAD_REQUEST));
     }
-    if request
-        .headers()
+    if parts
+        .headers
         .get(header::SEC_WEBSOCKET_VERSION)
         .map(HeaderValue::as_bytes)
         != Some(b"13")
@@ -103,39 +143,58 @@ pub async fn upgrade<B>(
             header::SEC_WEBSOCKET_VERSION,
             HeaderValue::from_static("13"),
         );
-        return response;
+        return Err(response);
     }
-    let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY) else {
-        return status(StatusCode::BAD_REQUEST);
+    let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(status(StatusCode::BAD_REQUEST));
     };
-    let accept = derive_accept_key(key.as_bytes());
-    let on_upgrade = hyper::upgrade::on(&mut request);
-    let (parts, _body) = request.into_parts();
-    let admitted = switchboard.admit(&parts).await;
-    let config = websocket_config(switchboard);
-    let sb = switchboard.clone();
-    switchboard.tasks().spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                run_connection(&sb, ws, admitted).await;
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
-        }
-    });
-    let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    if let Ok(accept) = HeaderValue::from_str(&accept) {
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| status(StatusCode::BAD_REQUEST))?;
+    Ok(Accepted {
+        accept,
+        admitted: switchboard.admit(parts).await,
+        switchboard: switchboard.clone(),
+    })
+}
+
+/// A checked WebSocket handshake (see [`handshake`]): the client is admitted
+/// or will be told why not over the WebSocket itself.
+pub struct Accepted {
+    accept: HeaderValue,
+    admitted: Result<Identity, Refusal>,
+    switchboard: Switchboard,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("admitted", &self.admitted.is_ok())
+            .finish_non_exhaustive()
     }
-    response
+}
+
+impl Accepted {
+    /// The `101 Switching Protocols` answer to send.
+    #[must_use]
+    pub fn response(&self) -> Response<Empty<Bytes>> {
+        let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept.clone());
+        response
+    }
+
+    /// Runs the session on the connection once the 101 has been sent, until
+    /// either side ends it.
+    pub async fn run<S>(self, io: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let config = websocket_config(&self.switchboard);
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        run_connection(&self.switchboard, ws, self.admitted).await;
+    }
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
