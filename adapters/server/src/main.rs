@@ -15,7 +15,8 @@ use switchboard_core::{Config, Identity, Policy, PublishRule, RoomName, RoomOpti
 use switchboard_runtime::{
     AllowOrigins, JwtAuthenticator, RuntimeConfig, Switchboard, TrustClientName,
 };
-use warp::Filter;
+use switchboard_service::{Options, Server, SwitchboardService};
+use tower_layer::Layer;
 
 /// The standalone Switchboard server.
 #[derive(Debug, Parser)]
@@ -90,6 +91,12 @@ struct Args {
     /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
+    /// How long a client may take to send a request's headers, in milliseconds; slower ones (or a connection that sends nothing) are cut. Also the idle time of a kept-alive connection between requests.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout_ms: u64,
+    /// Most connections open at once that have not sent a request yet; beyond it the oldest of them is dropped, so a flood of idle sockets cannot lock real clients out.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_pending_connections: u64,
     /// Rooms with this name prefix take publishes only from the server (repeatable), e.g. `job_`.
     #[arg(long = "server-only-prefix")]
     server_only_prefixes: Vec<String>,
@@ -183,13 +190,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => builder.build()?,
     };
 
-    let mut options = switchboard_warp::Options::default();
+    let mut options = Options::default();
     options.api_key = args.api_key.clone();
     if options.api_key.is_none() {
         tracing::warn!("no --api-key: the HTTP publish API is off");
     }
-    let routes = switchboard_warp::routes(&switchboard, options)
-        .or(warp::path::end().map(|| "switchboard: connect to /ws\n"));
+    let service = SwitchboardService::new(&switchboard, options)
+        .layer()
+        .layer(Root);
+    let http = Server::default()
+        .header_read_timeout(Duration::from_millis(args.header_read_timeout_ms))
+        .max_pending_connections(
+            usize::try_from(args.max_pending_connections).unwrap_or(usize::MAX),
+        );
 
     let listener = switchboard_websocket::bind(args.listen)?;
     tracing::info!(addr = %listener.local_addr()?, "switchboard listening");
@@ -198,14 +211,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // accepting and let requests in flight end. The whole shutdown is
     // bounded by --shutdown-timeout-ms: a stalled client (an SSE stream
     // whose reader stopped reading, an upload that never ends) would
-    // otherwise hold warp's graceful shutdown forever.
+    // otherwise hold the server's graceful shutdown forever.
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = warp::serve(routes)
-        .incoming(listener)
-        .graceful(async move {
-            let _ = stopped.await;
-        })
-        .run();
+    let server = http.serve(listener, service, async move {
+        let _ = stopped.await;
+    });
     tokio::pin!(server);
     tokio::select! {
         () = &mut server => return Ok(()),
@@ -230,6 +240,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         () = signalled() => tracing::warn!("second signal: exiting now"),
     }
     Ok(())
+}
+
+/// Every path Switchboard does not serve: 404, but `GET /` answers one line,
+/// for a load balancer's health check and a human's curl.
+#[derive(Debug, Clone, Copy)]
+struct Root;
+
+impl<B> tower_service::Service<http::Request<B>> for Root {
+    type Response = http::Response<http_body_util::Full<bytes::Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let mut response =
+            http::Response::new(http_body_util::Full::from("switchboard: connect to /ws\n"));
+        if request.uri().path() != "/" {
+            *response.status_mut() = http::StatusCode::NOT_FOUND;
+            *response.body_mut() = http_body_util::Full::from("not found\n");
+        }
+        std::future::ready(Ok(response))
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.

@@ -199,3 +199,118 @@ async fn shutdown_ends_within_its_timeout_despite_a_stalled_client() {
     assert!(status.success(), "exit status {status}");
     drop(stalled);
 }
+
+/// Reads until the server ends the connection (EOF or reset); fails the test
+/// if it does not within [`WAIT`].
+async fn cut_by_server(stream: &mut TcpStream, what: &str) {
+    within(what, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn slow_or_silent_request_heads_are_cut_after_the_header_read_timeout() {
+    let mut node = Node::start(&["--header-read-timeout-ms", "400"]);
+    node.ready().await;
+    let addr = (Ipv4Addr::LOCALHOST, node.port);
+
+    let mut silent = TcpStream::connect(addr).await.expect("connect");
+    // Slowloris: a byte of the head every 100 ms, never its end.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    let dribble = tokio::spawn(async move {
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        slow
+    });
+    cut_by_server(&mut silent, "the silent connection to be cut").await;
+    let mut slow = within("the dribbling client to finish", dribble)
+        .await
+        .expect("the dribbling task");
+    cut_by_server(&mut slow, "the slow head to be cut").await;
+
+    // A prompt client is served as usual.
+    node.ready().await;
+}
+
+/// Open file descriptors of a process, from `/proc`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/<pid>/fd")
+        .count()
+}
+
+#[tokio::test]
+async fn ten_thousand_idle_connections_neither_pile_up_nor_lock_out_a_real_client() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+    const IDLE: usize = 10_000;
+    const MAX_PENDING: usize = 100;
+    // The default header-read timeout (10 s) is far longer than this test's
+    // flood: what bounds the idle sockets here is the pending bound alone.
+    let mut node = Node::start(&["--max-pending-connections", &MAX_PENDING.to_string()]);
+    node.ready().await;
+    let addr = (Ipv4Addr::LOCALHOST, node.port);
+    let baseline = open_fds(node.child.id());
+
+    let mut idle = Vec::with_capacity(IDLE);
+    within("the idle connections to open", async {
+        for _ in 0..IDLE {
+            idle.push(
+                TcpStream::connect(addr)
+                    .await
+                    .expect("connect an idle socket"),
+            );
+        }
+    })
+    .await;
+
+    // A real client still gets in and is served while the flood sits there.
+    let url = format!("ws://127.0.0.1:{}/ws?token=bob", node.port);
+    let (mut ws, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("a real client connects");
+    let next_of = async |ws: &mut Ws, kind: &str| loop {
+        match within("a frame", ws.next()).await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+                if frame["type"] == kind {
+                    return frame;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the session ended: {other:?}"),
+        }
+    };
+    next_of(&mut ws, "welcome").await;
+    ws.send(Message::text(r#"{"type":"join","room":"lobby","id":1}"#))
+        .await
+        .expect("send join");
+    let joined = next_of(&mut ws, "joined").await;
+    assert_eq!(joined["room"], "lobby");
+
+    // The server holds at most MAX_PENDING of the idle sockets (plus the
+    // real client's and a margin for whatever it accepted but has not yet
+    // dropped): the rest were closed, oldest first.
+    let held = open_fds(node.child.id()).saturating_sub(baseline);
+    assert!(
+        held <= MAX_PENDING + 16,
+        "the server holds {held} more descriptors than before the flood"
+    );
+    drop(idle);
+}

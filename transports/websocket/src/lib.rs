@@ -94,16 +94,17 @@ pub async fn upgrade<B>(
     switchboard: &Switchboard,
     mut request: Request<B>,
 ) -> Response<Empty<Bytes>> {
-    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
-        tracing::warn!(
-            "a WebSocket request without hyper's upgrade handle: serve with upgrades on"
-        );
-        return status(StatusCode::INTERNAL_SERVER_ERROR);
-    };
+    let on_upgrade = request.extensions_mut().remove::<OnUpgrade>();
     let (parts, _body) = request.into_parts();
     let accepted = match handshake(switchboard, &parts).await {
         Ok(accepted) => accepted,
         Err(response) => return response,
+    };
+    let Some(on_upgrade) = on_upgrade else {
+        tracing::warn!(
+            "a WebSocket request without hyper's upgrade handle: serve with upgrades on"
+        );
+        return status(StatusCode::INTERNAL_SERVER_ERROR);
     };
     let response = accepted.response();
     switchboard.tasks().spawn(async move {
@@ -450,7 +451,11 @@ pub async fn serve(listener: TcpListener, switchboard: Switchboard) {
                 let sb = sb.clone();
                 async move { Ok::<_, Infallible>(upgrade(&sb, request).await) }
             });
+            // A client must send its handshake within 10 s (slowloris);
+            // `switchboard_service::Server` also bounds pending connections.
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);
