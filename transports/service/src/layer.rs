@@ -52,7 +52,7 @@ pub struct WithSwitchboard<S> {
     inner: S,
 }
 
-/// The future of [`WithSwitchboard::call`].
+/// The future returned when [`WithSwitchboard`] is called as a tower `Service`.
 pub type LayeredFuture<B, E> = Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>>;
 
 impl<S, B, ResB> tower_service::Service<Request<B>> for WithSwitchboard<S>

@@ -1,4 +1,4 @@
-//! Every Switchboard route as one tower [`Service`] over `http` types, so one
+//! Every Switchboard route as one tower [`Service`](tower_service::Service) over `http` types, so one
 //! line mounts Switchboard in any framework built on tower or hyper: axum
 //! (`Router::nest_service`, or [`SwitchboardLayer`] as a `.layer`), hyper,
 //! salvo, poem, and warp (whose adapter wraps this same code).
@@ -254,7 +254,7 @@ impl std::fmt::Debug for SwitchboardService {
     }
 }
 
-/// The future of [`SwitchboardService::call`].
+/// The future returned when [`SwitchboardService`] is called as a tower `Service`.
 pub type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
 
