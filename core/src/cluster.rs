@@ -448,7 +448,7 @@ impl Hub {
         self.room_index
             .get(room.as_str())
             .and_then(|rid| self.rooms.get(*rid))
-            .map_or_else(|| self.policy.room_options(room), |r| r.options)
+            .map_or_else(|| self.policy.room_options(room), |r| r.options.clone())
     }
 
     // ---- completions ----------------------------------------------------
@@ -537,6 +537,7 @@ impl Hub {
             epoch: sync.epoch.as_str(),
             recovered,
             members: r.options.presence.then_some(sync.users),
+            latest: false,
         }
         .encode();
         let kind = FrameKind::Joined {
@@ -809,6 +810,7 @@ impl Hub {
             epoch: r.epoch.as_str(),
             recovered: Some(false),
             members,
+            latest: false,
         }
         .encode();
         let kind = FrameKind::Joined {

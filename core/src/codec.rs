@@ -604,6 +604,11 @@ pub struct LimitsInfo {
     pub rate_per_sec: u32,
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// `presence.action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -639,6 +644,9 @@ pub enum ServerFrame<'a> {
         recovered: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
         members: Option<usize>,
+        /// A latest-value room: gaps in `seq` are expected (sent only when true).
+        #[serde(skip_serializing_if = "is_false")]
+        latest: bool,
     },
     Message {
         room: &'a str,

@@ -16,7 +16,7 @@ use crate::error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
 use crate::ids::{Epoch, RoomId, RoomName, SessionKey, Sid, UserId};
-use crate::output::{CloseReason, Delivery, FrameKind, Output, Recipients};
+use crate::output::{CloseReason, Delivery, FrameKind, LatestKey, Output, Recipients};
 use crate::policy::{Identity, Policy, PublishRule};
 use crate::room::Room;
 use crate::session::{Liveness, Session};
@@ -633,7 +633,20 @@ impl Hub {
         }
         let r = &self.rooms[id];
         let mut recovered = None;
-        if let Some(since) = since {
+        if r.options.latest.is_some() {
+            // A latest-value room replays its state even without `since`.
+            let (replay, answer) = r.latest_replay(since.as_ref().map(|s| (s.seq, &*s.epoch)));
+            recovered = answer;
+            let (name, epoch) = (r.name.clone(), r.epoch.clone());
+            for (seq, frame, latest) in replay {
+                let kind = FrameKind::Message {
+                    room: name.clone(),
+                    seq,
+                    epoch: epoch.clone(),
+                };
+                self.deliver_latest(Recipients::one(key), frame, kind, latest);
+            }
+        } else if let Some(since) = since {
             let replay: Option<Vec<Bytes>> = r
                 .recover(since.seq, &since.epoch)
                 .map(|m| m.cloned().collect());
@@ -661,6 +674,7 @@ impl Hub {
             epoch: r.epoch.as_str(),
             recovered,
             members: r.options.presence.then_some(r.users.len()),
+            latest: r.options.latest.is_some(),
         }
         .encode();
         let kind = FrameKind::Joined {
@@ -874,7 +888,7 @@ impl Hub {
         }
         r.seq = seq;
         r.last_activity = now;
-        r.remember(seq, frame.clone());
+        let latest = r.remember_message(seq, frame.clone(), event);
         let recipients = r.members_except(except);
         let kind = FrameKind::Message {
             room: r.name.clone(),
@@ -887,19 +901,35 @@ impl Hub {
             delivered: recipients.len(),
         };
         self.stats.messages += 1;
-        self.deliver(recipients, frame, kind);
+        self.deliver_latest(recipients, frame, kind, latest);
         self.dispose_room_if_unused(now, id);
         Some(published)
     }
 
     pub(crate) fn deliver(&mut self, to: Recipients, frame: Bytes, kind: FrameKind) {
+        self.deliver_latest(to, frame, kind, None);
+    }
+
+    /// [`Hub::deliver`] for a latest-value message that supersedes queued
+    /// ones with the same key.
+    fn deliver_latest(
+        &mut self,
+        to: Recipients,
+        frame: Bytes,
+        kind: FrameKind,
+        latest: Option<LatestKey>,
+    ) {
         let count = to.len();
         if count == 0 {
             return;
         }
         self.stats.frames_out += count as u64;
-        self.outputs
-            .push_back(Output::Deliver(Delivery { to, frame, kind }));
+        self.outputs.push_back(Output::Deliver(Delivery {
+            to,
+            frame,
+            kind,
+            latest,
+        }));
     }
 
     /// Tells a room's presence subscribers (but `subject`) that a user came or went.
@@ -945,7 +975,11 @@ impl Hub {
     }
 
     pub(crate) fn create_room(&mut self, now: Timestamp, name: RoomName) -> RoomId {
-        let options = self.policy.room_options(&name);
+        let mut options = self.policy.room_options(&name);
+        if self.clustered() {
+            // The broker numbers and keeps the messages; it does not coalesce.
+            options.latest = None;
+        }
         let epoch = self.draw_epoch();
         let id = self
             .rooms
@@ -1148,7 +1182,7 @@ impl Hub {
             return; // rescheduled when the last member leaves
         }
         if now >= r.last_activity + r.options.history_ttl {
-            r.history.clear();
+            r.forget_history();
         }
         self.dispose_room_if_unused(now, id);
     }

@@ -86,8 +86,10 @@ pub use hub::{Hub, Published, RoomInfo, Stats};
 pub use ids::{
     Epoch, RoomId, RoomName, RoomNameError, SessionKey, Sid, UserId, MAX_ROOM_NAME_BYTES,
 };
-pub use output::{CloseReason, Delivery, FrameKind, Output, Recipients};
-pub use policy::{Identity, OpenPolicy, Policy, PublishRule, RoomOptions};
+pub use output::{CloseReason, Delivery, FrameKind, LatestKey, Output, Recipients};
+pub use policy::{
+    Identity, LatestValue, OpenPolicy, Policy, PublishRule, RoomOptions, DEFAULT_NEVER_COALESCED,
+};
 pub use session::Liveness;
 pub use time::Timestamp;
 

@@ -36,6 +36,42 @@ pub struct Delivery {
     /// What the frame is, for transports that frame by type (SSE's `event:`
     /// line and cursor) without parsing it.
     pub kind: FrameKind,
+    /// `Some` for a message of a latest-value room whose event coalesces:
+    /// once this frame is queued for a session, a frame with the same key
+    /// still queued there and not yet sent is obsolete, and the queue may
+    /// drop it (this frame comes later, with a higher `seq`). `None` for
+    /// every other frame, which must be delivered.
+    pub latest: Option<LatestKey>,
+}
+
+/// The room and `event` a latest-value message is the newest value of (see
+/// [`Delivery::latest`]). Cloning is an atomic increment; equal keys mean the
+/// same room and event.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LatestKey(Arc<(RoomName, Option<Box<str>>)>);
+
+impl LatestKey {
+    pub(crate) fn new(room: RoomName, event: Option<&str>) -> Self {
+        Self(Arc::new((room, event.map(Box::from))))
+    }
+
+    /// The room.
+    #[must_use]
+    pub fn room(&self) -> &RoomName {
+        &self.0 .0
+    }
+
+    /// The message's `event`, `None` for messages without one.
+    #[must_use]
+    pub fn event(&self) -> Option<&str> {
+        self.0 .1.as_deref()
+    }
+}
+
+impl std::fmt::Debug for LatestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LatestKey({}, {:?})", self.room().as_str(), self.event())
+    }
 }
 
 /// The type of an encoded server frame, with what SSE needs of a `message`.
