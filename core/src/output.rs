@@ -51,7 +51,10 @@ pub struct Delivery {
 pub struct LatestKey(Arc<(RoomName, Option<Box<str>>)>);
 
 impl LatestKey {
-    pub(crate) fn new(room: RoomName, event: Option<&str>) -> Self {
+    /// The key of `room`'s messages with `event` (the hub makes them; queues
+    /// and their tests compare them).
+    #[must_use]
+    pub fn new(room: RoomName, event: Option<&str>) -> Self {
         Self(Arc::new((room, event.map(Box::from))))
     }
 

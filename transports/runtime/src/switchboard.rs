@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::cluster::{self, MembershipQueue, Work};
 use crate::error::{Error, Kind};
 use crate::metrics::{Metrics, WireCounters};
-use crate::outbox::{OutFrame, Outbox};
+use crate::outbox::{OutFrame, Outbox, Pushed};
 
 /// Settings of the runtime itself (the core's limits are in [`Config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +182,7 @@ impl Builder {
                 hub,
                 outboxes: SecondaryMap::new(),
                 overflowed: Vec::new(),
+                superseded: 0,
                 timer_armed: None,
                 work: Vec::new(),
                 membership,
@@ -257,6 +258,9 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     outboxes: SecondaryMap<SessionKey, Arc<Outbox>>,
     overflowed: Vec<SessionKey>,
+    /// Queued latest-value frames dropped for a newer one of their room and
+    /// event, since start.
+    superseded: u64,
     /// The deadline the timer task sleeps towards.
     timer_armed: Option<Timestamp>,
     /// Broker work the last input produced, for its caller to perform.
@@ -273,11 +277,16 @@ impl Inner {
             while let Some(output) = self.hub.poll_output() {
                 match output {
                     Output::Deliver(delivery) => {
-                        let frame = Arc::new(OutFrame::new(delivery.frame, delivery.kind));
+                        let frame = Arc::new(
+                            OutFrame::new(delivery.frame, delivery.kind)
+                                .superseding(delivery.latest),
+                        );
                         for key in delivery.to.iter() {
                             if let Some(outbox) = self.outboxes.get(key) {
-                                if !outbox.push(&frame) {
-                                    self.overflowed.push(key);
+                                match outbox.push(&frame) {
+                                    Pushed::Queued => {}
+                                    Pushed::Superseded => self.superseded += 1,
+                                    Pushed::Overflowed => self.overflowed.push(key),
                                 }
                             }
                         }
@@ -615,6 +624,7 @@ impl Switchboard {
             inner.hub.stats(),
             &self.shared.wire,
         )
+        .with_superseded(inner.superseded)
     }
 
     /// Stops accepting sessions, sends `close` 1001 to every session, lets
