@@ -5,7 +5,7 @@
 //!
 //! It reads and writes exactly as a session does: the same tungstenite
 //! configuration, the same mapping of read errors to close codes
-//! ([`Received`]), the same frame encoder and raw writes, and the same close
+//! (`Received`), the same frame encoder and raw writes, and the same close
 //! and linger. Only what happens to a message differs: it is echoed instead of
 //! handled as a Switchboard frame, so no `close` frame of the protocol
 //! precedes the WebSocket close.

@@ -400,6 +400,13 @@ async fn serve_closes_framing_violations_with_1002_and_invalid_utf8_with_1007() 
             "invalid_utf8",
         ),
         (
+            // Failed at the first fragment, while the message is unfinished.
+            "invalid UTF-8 in a first fragment",
+            raw_frame(0x01, b"{\"a\":\"\xff", true),
+            1007,
+            "invalid_utf8",
+        ),
+        (
             "close reason not UTF-8",
             raw_frame(0x88, b"\x03\xe8\xff", true),
             1007,
@@ -421,14 +428,14 @@ async fn serve_closes_framing_violations_with_1002_and_invalid_utf8_with_1007() 
             .map_or(0, |(_, n)| *n)
     };
     assert_eq!(count("protocol_error"), 9);
-    assert_eq!(count("invalid_utf8"), 3);
+    assert_eq!(count("invalid_utf8"), 4);
     server.stop().await;
 }
 
 #[tokio::test]
 async fn serve_answers_a_close_code_no_endpoint_may_send_with_1002() {
     let server = Server::start(Config::default()).await;
-    for code in [0u16, 999, 1004, 1005, 1006, 1015, 5000] {
+    for code in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
         let mut ws = connect(server.addr, "/").await;
         assert_eq!(recv(&mut ws).await["type"], "welcome");
         send_raw(&mut ws, &raw_frame(0x88, &code.to_be_bytes(), true)).await;
