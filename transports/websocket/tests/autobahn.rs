@@ -192,9 +192,14 @@ async fn framing_passes_the_autobahn_testsuite() {
             ));
         }
     }
+    let slowest = cases
+        .iter()
+        .max_by_key(|(_, result)| result["duration"].as_u64())
+        .map(|(case, result)| format!("{case} {} ms", result["duration"]));
     println!(
-        "autobahn: {} cases, behavior/close: {counts:?}, server close codes: {codes:?}",
-        cases.len()
+        "autobahn: {} cases, behavior/close: {counts:?}, server close codes: {codes:?}, slowest: {}",
+        cases.len(),
+        slowest.unwrap_or_default()
     );
     assert!(
         wrong.is_empty(),
