@@ -130,7 +130,9 @@ struct ServerPolicy {
 }
 
 fn has_prefix(room: &RoomName, prefixes: &[String]) -> bool {
-    prefixes.iter().any(|p| room.as_str().starts_with(p.as_str()))
+    prefixes
+        .iter()
+        .any(|p| room.as_str().starts_with(p.as_str()))
 }
 
 impl Policy for ServerPolicy {
@@ -206,7 +208,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
     if args.redis.is_some() && !args.latest_prefixes.is_empty() {
-        tracing::warn!("--latest-prefix has no effect with --redis: the broker keeps every message");
+        tracing::warn!(
+            "--latest-prefix has no effect with --redis: the broker keeps every message"
+        );
     }
     let switchboard = match &args.redis {
         Some(url) => {

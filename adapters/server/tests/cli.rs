@@ -357,9 +357,12 @@ async fn ws_connect(port: u16, user: &str, recv_buffer: Option<u32>) -> Ws {
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size).expect("SO_RCVBUF");
     }
-    let tcp = within("connect", socket.connect((Ipv4Addr::LOCALHOST, port).into()))
-        .await
-        .expect("connect");
+    let tcp = within(
+        "connect",
+        socket.connect((Ipv4Addr::LOCALHOST, port).into()),
+    )
+    .await
+    .expect("connect");
     let url = format!("ws://127.0.0.1:{port}/ws?token={user}");
     let (mut ws, _) = within("the handshake", tokio_tungstenite::client_async(url, tcp))
         .await
@@ -419,7 +422,11 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
     let mut publisher = ws_connect(node.port, "worker", None).await;
     for ws in [&mut slow, &mut publisher] {
         for room in &rooms {
-            ws_send(ws, &json!({"type": "join", "room": room, "presence": false})).await;
+            ws_send(
+                ws,
+                &json!({"type": "join", "room": room, "presence": false}),
+            )
+            .await;
             let joined = ws_recv(ws, "a joiner").await;
             assert_eq!(joined["type"], "joined", "{joined}");
             assert_eq!(joined["latest"], true, "{joined}");
@@ -431,23 +438,24 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
     let mut latest: BTreeMap<(String, String), Value> = BTreeMap::new();
     let mut outcomes: Vec<(String, String)> = Vec::new();
     let pad = "x".repeat(1000);
-    let mut publish = async |publisher: &mut Ws, room: &str, event: &str, data: Value, id: Option<u64>| {
-        let mut frame = json!({"type": "publish", "room": room, "event": event,
+    let mut publish =
+        async |publisher: &mut Ws, room: &str, event: &str, data: Value, id: Option<u64>| {
+            let mut frame = json!({"type": "publish", "room": room, "event": event,
                                "data": data, "echo": false});
-        if let Some(id) = id {
-            frame["id"] = json!(id);
-        }
-        ws_send(publisher, &frame).await;
-        let key = (room.to_owned(), event.to_owned());
-        if event.starts_with("job_") {
-            outcomes.push(key.clone());
-        }
-        latest.insert(key, data);
-        if let Some(id) = id {
-            let ack = ws_recv(publisher, "the worker").await;
-            assert_eq!(ack, json!({"type": "ack", "id": id}));
-        }
-    };
+            if let Some(id) = id {
+                frame["id"] = json!(id);
+            }
+            ws_send(publisher, &frame).await;
+            let key = (room.to_owned(), event.to_owned());
+            if event.starts_with("job_") {
+                outcomes.push(key.clone());
+            }
+            latest.insert(key, data);
+            if let Some(id) = id {
+                let ack = ws_recv(publisher, "the worker").await;
+                assert_eq!(ack, json!({"type": "ack", "id": id}));
+            }
+        };
 
     // From here `slow` is not read until its queue has been coalescing for a
     // while: progress keeps coming, and a job fails once along the way.
@@ -460,10 +468,24 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
             publish(&mut publisher, room, "progress", data, None).await;
         }
         if round % 25 == 0 {
-            publish(&mut publisher, &rooms[0], "stage", json!(format!("stage {round}")), None).await;
+            publish(
+                &mut publisher,
+                &rooms[0],
+                "stage",
+                json!(format!("stage {round}")),
+                None,
+            )
+            .await;
         }
         if round == 10 {
-            publish(&mut publisher, &rooms[1], "job_error", json!("retrying"), None).await;
+            publish(
+                &mut publisher,
+                &rooms[1],
+                "job_error",
+                json!("retrying"),
+                None,
+            )
+            .await;
         }
         // Every round ends with an acknowledged publish: the server has
         // queued the round before the metrics are read.
@@ -483,7 +505,14 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
     eprintln!("{round} rounds published while the subscriber did not read");
     for room in &rooms {
         publish(&mut publisher, room, "progress", json!({"pct": 100}), None).await;
-        publish(&mut publisher, room, "job_completed", json!({"out": room}), None).await;
+        publish(
+            &mut publisher,
+            room,
+            "job_completed",
+            json!({"out": room}),
+            None,
+        )
+        .await;
     }
     publish(&mut publisher, &rooms[3], "eta", json!("done"), Some(0)).await;
 
@@ -514,10 +543,16 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
         if frame["type"] == "pong" {
             break;
         }
-        let key = (frame["room"].as_str().unwrap_or("").to_owned(), frame["event"].as_str().unwrap_or("").to_owned());
+        let key = (
+            frame["room"].as_str().unwrap_or("").to_owned(),
+            frame["event"].as_str().unwrap_or("").to_owned(),
+        );
         seen.insert(key, frame["data"].clone());
     }
-    assert_eq!(seen, latest, "the subscriber converged on the newest values");
+    assert_eq!(
+        seen, latest,
+        "the subscriber converged on the newest values"
+    );
     let mut expected_outcomes = outcomes.clone();
     expected_outcomes.sort();
     seen_outcomes.sort();
@@ -525,7 +560,11 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
 
     // A late joiner gets each event's newest value at once, before `joined`.
     let mut late = ws_connect(node.port, "late", None).await;
-    ws_send(&mut late, &json!({"type": "join", "room": rooms[1], "presence": false})).await;
+    ws_send(
+        &mut late,
+        &json!({"type": "join", "room": rooms[1], "presence": false}),
+    )
+    .await;
     let mut state = BTreeMap::new();
     loop {
         let frame = ws_recv(&mut late, "the late joiner").await;
@@ -533,7 +572,10 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
             break;
         }
         let event = frame["event"].as_str().expect("event").to_owned();
-        assert!(state.insert(event, frame["data"].clone()).is_none(), "one per event");
+        assert!(
+            state.insert(event, frame["data"].clone()).is_none(),
+            "one per event"
+        );
     }
     let expected: BTreeMap<String, Value> = latest
         .iter()
@@ -541,5 +583,8 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
         .map(|((_, event), data)| (event.clone(), data.clone()))
         .collect();
     assert_eq!(state, expected);
-    assert_eq!(metric(node.port, "switchboard_slow_consumer_closes_total").await, 0);
+    assert_eq!(
+        metric(node.port, "switchboard_slow_consumer_closes_total").await,
+        0
+    );
 }
