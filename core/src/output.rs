@@ -23,6 +23,11 @@ pub enum Output {
     },
     /// Broker mode only: something the cluster broker must do.
     Broker(crate::cluster::BrokerRequest),
+    /// A client sent a fresh credential (`refresh`): check it with the
+    /// authenticator that admitted the session, then report with
+    /// [`Hub::complete_refresh`](crate::Hub::complete_refresh). The client
+    /// waits for the answer; never drop one without reporting.
+    Refresh(crate::credentials::Refresh),
 }
 
 /// A frame and who receives it. The frame is encoded once; every recipient
@@ -171,11 +176,14 @@ pub enum CloseReason {
     FrameTooLarge,
     /// An internal error (1011, `internal_error`).
     Internal,
+    /// The session's credential expired ([`Identity::expires_at`](crate::Identity::expires_at))
+    /// and no `refresh` replaced it in time (1008, `token_expired`).
+    TokenExpired,
 }
 
 impl CloseReason {
     /// Every reason (handy for metrics).
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Normal,
         Self::GoingAway,
         Self::Disconnected,
@@ -185,6 +193,7 @@ impl CloseReason {
         Self::Idle,
         Self::FrameTooLarge,
         Self::Internal,
+        Self::TokenExpired,
     ];
 
     /// The WebSocket close code (PROTOCOL.md, Transports).
@@ -193,7 +202,7 @@ impl CloseReason {
         match self {
             Self::Normal => 1000,
             Self::GoingAway | Self::HeartbeatTimeout | Self::Idle => 1001,
-            Self::Disconnected | Self::TooManyErrors => 1008,
+            Self::Disconnected | Self::TooManyErrors | Self::TokenExpired => 1008,
             Self::FrameTooLarge => 1009,
             Self::Internal => 1011,
             Self::SlowConsumer => 1013,
@@ -214,6 +223,7 @@ impl CloseReason {
             Self::Idle => "idle",
             Self::FrameTooLarge => "frame_too_large",
             Self::Internal => "internal_error",
+            Self::TokenExpired => "token_expired",
         }
     }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::codec::Target;
 use crate::ids::{RoomName, UserId};
+use crate::time::Timestamp;
 
 /// Who a session is, as decided by the caller's authentication.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +14,11 @@ pub struct Identity {
     /// Whatever else authentication learned (JWT claims, roles), for the
     /// policy to read. `Null` when there is nothing.
     pub claims: serde_json::Value,
+    /// When the credential that proved this identity stops being valid (a
+    /// JWT's `exp`), on the caller's clock. The hub closes the session then
+    /// with `token_expired`, unless a `refresh` brought a later one. `None`:
+    /// the session never expires.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl Identity {
@@ -22,6 +28,7 @@ impl Identity {
         Self {
             user: user.into(),
             claims: serde_json::Value::Null,
+            expires_at: None,
         }
     }
 
@@ -29,6 +36,13 @@ impl Identity {
     #[must_use]
     pub fn with_claims(mut self, claims: serde_json::Value) -> Self {
         self.claims = claims;
+        self
+    }
+
+    /// The same identity, valid until `at`.
+    #[must_use]
+    pub fn with_expiry(mut self, at: Timestamp) -> Self {
+        self.expires_at = Some(at);
         self
     }
 }
