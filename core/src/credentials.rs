@@ -6,8 +6,9 @@
 //! (checking may need I/O: the application's authenticator is async), so
 //! the hub hands it out as [`Output::Refresh`] and the caller reports the
 //! identity it names with [`Hub::complete_refresh`]. Only the same user may
-//! take over a session: another user's credential is refused with
-//! `forbidden`, and the session keeps its old identity and deadline.
+//! take over a session: another user's credential, or one already expired,
+//! is refused with `forbidden`, and the session keeps its old identity and
+//! deadline.
 
 use serde_json::value::RawValue;
 
@@ -76,8 +77,8 @@ impl Hub {
     /// An identity of the session's own user replaces the session's (its
     /// claims, for the policy's later decisions, and its
     /// [`expires_at`](Identity::expires_at), the new deadline) and is
-    /// answered `ack` with the time left; another user's is refused with
-    /// `forbidden` and changes nothing. Rooms already joined are kept
+    /// answered `ack` with the time left; another user's, or one that has
+    /// already expired, is refused with `forbidden` and changes nothing. Rooms already joined are kept
     /// either way. A session that closed meanwhile is left alone.
     pub fn complete_refresh(
         &mut self,
@@ -91,6 +92,11 @@ impl Hub {
         };
         let id = refresh.id.as_deref();
         let identity = match result {
+            Ok(identity) if identity.expires_at.is_some_and(|at| at <= now) => {
+                let error = FrameError::new(ErrorCode::Forbidden, "the new token has expired");
+                self.refuse(now, key, error, id, None);
+                return;
+            }
             Ok(identity) if identity.user == session.identity.user => identity,
             Ok(_) => {
                 let error = FrameError::new(

@@ -1705,6 +1705,29 @@ fn a_refresh_naming_another_user_is_forbidden_and_changes_nothing() {
 }
 
 #[test]
+fn a_refresh_with_an_already_expired_credential_is_forbidden_and_changes_nothing() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let before = sim.hub().identity(alice).cloned();
+    sim.advance(secs(1));
+    // An authenticator with leeway may accept a token past its `exp`.
+    let refresh = send_refresh(&mut sim, alice, "stale");
+    let stale = Identity::new("alice").with_expiry(sim.now());
+    sim.complete_refresh(refresh, Ok(stale));
+    let got = sim.take(alice);
+    assert_eq!(types(&got), ["error"]);
+    assert_eq!(
+        (&got[0]["code"], &got[0]["id"]),
+        (&json!("forbidden"), &json!(9))
+    );
+    assert_eq!(sim.hub().identity(alice).cloned(), before);
+    sim.advance(secs(2) - MS);
+    assert!(sim.hub().contains(alice), "the old deadline holds");
+    sim.advance(MS);
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
+#[test]
 fn a_refresh_the_authenticator_refuses_gets_its_error_and_counts_as_one() {
     let mut sim = sim();
     let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
