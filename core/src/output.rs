@@ -176,6 +176,14 @@ pub enum CloseReason {
     FrameTooLarge,
     /// An internal error (1011, `internal_error`).
     Internal,
+    /// The client broke the WebSocket framing (RFC 6455): an unmasked frame,
+    /// reserved bits, an unknown opcode, a bad continuation, a fragmented or
+    /// oversize control frame, a malformed close frame (1002,
+    /// `protocol_error`).
+    ProtocolError,
+    /// A WebSocket text message, or a close frame's reason, that is not
+    /// UTF-8 (1007, `invalid_utf8`).
+    InvalidUtf8,
     /// The session's credential expired ([`Identity::expires_at`](crate::Identity::expires_at))
     /// and no `refresh` replaced it in time (1008, `token_expired`).
     TokenExpired,
@@ -183,7 +191,7 @@ pub enum CloseReason {
 
 impl CloseReason {
     /// Every reason (handy for metrics).
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 12] = [
         Self::Normal,
         Self::GoingAway,
         Self::Disconnected,
@@ -193,6 +201,8 @@ impl CloseReason {
         Self::Idle,
         Self::FrameTooLarge,
         Self::Internal,
+        Self::ProtocolError,
+        Self::InvalidUtf8,
         Self::TokenExpired,
     ];
 
@@ -203,6 +213,8 @@ impl CloseReason {
             Self::Normal => 1000,
             Self::GoingAway | Self::HeartbeatTimeout | Self::Idle => 1001,
             Self::Disconnected | Self::TooManyErrors | Self::TokenExpired => 1008,
+            Self::ProtocolError => 1002,
+            Self::InvalidUtf8 => 1007,
             Self::FrameTooLarge => 1009,
             Self::Internal => 1011,
             Self::SlowConsumer => 1013,
@@ -223,6 +235,8 @@ impl CloseReason {
             Self::Idle => "idle",
             Self::FrameTooLarge => "frame_too_large",
             Self::Internal => "internal_error",
+            Self::ProtocolError => "protocol_error",
+            Self::InvalidUtf8 => "invalid_utf8",
             Self::TokenExpired => "token_expired",
         }
     }
