@@ -1106,7 +1106,7 @@ impl Hub {
             return; // superseded by an earlier entry
         }
         s.timer_at = None;
-        if false && s.identity.expires_at.is_some_and(|at| now >= at) {
+        if s.identity.expires_at.is_some_and(|at| now >= at) {
             self.close(now, key, CloseReason::TokenExpired);
             return;
         }
