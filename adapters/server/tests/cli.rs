@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use switchboard_testkit::{http, Poller, SseClient, WsClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The longest any one wait may take.
@@ -368,12 +368,16 @@ async fn over_websocket_a_jwt_session_closes_at_exp_unless_its_own_user_refreshe
     let mut refreshed = WsClient::connect(&url(&old[1])).await;
     let mut stolen = WsClient::connect(&url(&old[2])).await;
 
-    refreshed.send(&serde_json::from_str(&refresh(fresh, 1)).unwrap()).await;
+    refreshed
+        .send(&serde_json::from_str(&refresh(fresh, 1)).unwrap())
+        .await;
     let ack = refreshed.next_of("ack").await;
     assert_eq!(ack["id"], 1, "{ack}");
     assert!(ack["expires_in_ms"].as_u64().unwrap() > 3_000, "{ack}");
 
-    stolen.send(&serde_json::from_str(&refresh(bobs, 1)).unwrap()).await;
+    stolen
+        .send(&serde_json::from_str(&refresh(bobs, 1)).unwrap())
+        .await;
     let error = stolen.next_of("error").await;
     assert_eq!(error["code"], "forbidden", "{error}");
     assert_eq!(error["id"], 1, "{error}");
@@ -421,7 +425,10 @@ async fn over_sse_and_long_poll_refresh_frames_keep_a_jwt_session_past_exp() {
         let open = http(addr, "POST", &format!("/poll/open?token={token}"), &[], b"").await;
         assert_eq!(open.status, 200, "POST /poll/open");
         let sid = open.json()[0]["sid"].as_str().expect("a sid").to_owned();
-        polls.push((sid.clone(), Poller::new(addr, format!("/poll?sid={sid}&token={token}"))));
+        polls.push((
+            sid.clone(),
+            Poller::new(addr, format!("/poll?sid={sid}&token={token}")),
+        ));
     }
     let (poll_sid, poller) = &mut polls[0];
     post(
@@ -446,7 +453,11 @@ async fn over_sse_and_long_poll_refresh_frames_keep_a_jwt_session_past_exp() {
 
     // The refreshed ones live on past exp.
     let join = serde_json::json!({"type": "join", "room": "after"}).to_string();
-    post(format!("/sse/send?sid={sse_sid}&token={fresh}"), join.clone()).await;
+    post(
+        format!("/sse/send?sid={sse_sid}&token={fresh}"),
+        join.clone(),
+    )
+    .await;
     assert_eq!(sse.next_of("joined").await.data["room"], "after");
     let (poll_sid, poller) = &mut polls[0];
     post(format!("/poll/send?sid={poll_sid}&token={fresh}"), join).await;

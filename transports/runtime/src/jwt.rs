@@ -135,7 +135,10 @@ mod tests {
         assert_eq!(identity.user.as_str(), "alice");
         assert_eq!(identity.claims["role"], "admin");
         let exp = identity.claims["exp"].as_u64().unwrap();
-        assert_eq!(identity.expires_at, Some(Timestamp::from_millis(exp * 1000)));
+        assert_eq!(
+            identity.expires_at,
+            Some(Timestamp::from_millis(exp * 1000))
+        );
     }
 
     #[test]
