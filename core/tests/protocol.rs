@@ -1583,6 +1583,16 @@ fn send_refresh(sim: &mut Sim, key: SessionKey, token: &str) -> switchboard_core
     refresh
 }
 
+/// Asserts that `key` received one `error`: the `refresh` (id 9) was `forbidden`.
+fn assert_refused_forbidden(sim: &mut Sim, key: SessionKey) {
+    let got = sim.take(key);
+    assert_eq!(types(&got), ["error"]);
+    assert_eq!(
+        (&got[0]["code"], &got[0]["id"]),
+        (&json!("forbidden"), &json!(9))
+    );
+}
+
 const TOKEN_EXPIRED: &str = r#"{"type":"close","code":1008,"reason":"token_expired"}"#;
 
 #[test]
@@ -1692,12 +1702,7 @@ fn a_refresh_naming_another_user_is_forbidden_and_changes_nothing() {
         refresh,
         Ok(Identity::new("mallory").with_expiry(sim.now() + secs(60))),
     );
-    let got = sim.take(alice);
-    assert_eq!(types(&got), ["error"]);
-    assert_eq!(
-        (&got[0]["code"], &got[0]["id"]),
-        (&json!("forbidden"), &json!(9))
-    );
+    assert_refused_forbidden(&mut sim, alice);
     assert_eq!(sim.hub().identity(alice).cloned(), before);
     assert_eq!(sim.hub().user_sessions("mallory"), &[] as &[SessionKey]);
     sim.advance(secs(3));
@@ -1714,12 +1719,7 @@ fn a_refresh_with_an_already_expired_credential_is_forbidden_and_changes_nothing
     let refresh = send_refresh(&mut sim, alice, "stale");
     let stale = Identity::new("alice").with_expiry(sim.now());
     sim.complete_refresh(refresh, Ok(stale));
-    let got = sim.take(alice);
-    assert_eq!(types(&got), ["error"]);
-    assert_eq!(
-        (&got[0]["code"], &got[0]["id"]),
-        (&json!("forbidden"), &json!(9))
-    );
+    assert_refused_forbidden(&mut sim, alice);
     assert_eq!(sim.hub().identity(alice).cloned(), before);
     sim.advance(secs(2) - MS);
     assert!(sim.hub().contains(alice), "the old deadline holds");
