@@ -462,7 +462,11 @@ impl Hub {
         match result {
             Ok(()) => {
                 if let Some(id) = &reply.id {
-                    let ack = ServerFrame::Ack { id }.encode();
+                    let ack = ServerFrame::Ack {
+                        id,
+                        expires_in_ms: None,
+                    }
+                    .encode();
                     self.deliver(Recipients::one(key), ack, FrameKind::Ack);
                 }
             }

@@ -94,7 +94,8 @@ pub struct Hub {
     pub(crate) ping_frame: Bytes,
     pub(crate) pong_frame: Bytes,
     pub(crate) stats: Stats,
-    /// Set by a handler whose answer waits for the broker (no `ack` yet).
+    /// Set by a handler whose answer waits for the caller (the broker, or
+    /// the authenticator for a `refresh`): no `ack` yet.
     pub(crate) deferred: bool,
     /// Set while [`Hub::close_all`] runs: no presence leaves are announced.
     closing_all: bool,
@@ -319,6 +320,9 @@ impl Hub {
                 rate_per_sec: self.config.rate_per_sec,
             },
             user: Some(identity.user.as_str()),
+            expires_in_ms: identity
+                .expires_at
+                .map(|at| crate::credentials::millis_until(now, at)),
         }
         .encode();
         let session = Session::new(
@@ -427,6 +431,7 @@ impl Hub {
             }
             ClientFrame::Pong => Ok(()),
             ClientFrame::Presence { room } => self.presence_list(session, &room, request.id),
+            ClientFrame::Refresh { token } => self.request_refresh(session, &token, request.id),
         };
         match applied {
             Ok(()) => {
@@ -438,7 +443,11 @@ impl Hub {
                 // A broker-mode answer comes with `reply`/`complete_*`.
                 let deferred = std::mem::take(&mut self.deferred);
                 if let Some(id) = request.id.filter(|_| !deferred) {
-                    let ack = ServerFrame::Ack { id }.encode();
+                    let ack = ServerFrame::Ack {
+                        id,
+                        expires_in_ms: None,
+                    }
+                    .encode();
                     self.deliver(Recipients::one(session), ack, FrameKind::Ack);
                 }
                 Ok(())
@@ -482,7 +491,7 @@ impl Hub {
     }
 
     /// Advances timers to `now`: heartbeat pings and timeouts, idle detached
-    /// sessions, expired room history.
+    /// sessions, expired credentials, expired room history.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         while let Some((deadline, target)) = self.timers.pop_due(now) {
             match target {
@@ -1114,7 +1123,7 @@ impl Hub {
         true
     }
 
-    fn reschedule_session(&mut self, key: SessionKey) {
+    pub(crate) fn reschedule_session(&mut self, key: SessionKey) {
         if let Some(s) = self.sessions.get_mut(key) {
             let deadline = s.deadline(&self.config);
             self.timers
@@ -1131,6 +1140,10 @@ impl Hub {
             return; // superseded by an earlier entry
         }
         s.timer_at = None;
+        if s.identity.expires_at.is_some_and(|at| now >= at) {
+            self.close(now, key, CloseReason::TokenExpired);
+            return;
+        }
         if let Some(since) = s.detached_since {
             if now >= since + config.session_idle {
                 self.close(now, key, CloseReason::Idle);

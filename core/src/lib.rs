@@ -61,6 +61,7 @@
 mod cluster;
 pub mod codec;
 mod config;
+mod credentials;
 mod error;
 mod hub;
 mod ids;
@@ -79,6 +80,7 @@ pub use cluster::{
 };
 pub use codec::{ClientFrame, Request, ServerFrame, Since, Target};
 pub use config::{Config, Sequencing};
+pub use credentials::Refresh;
 pub use error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };

@@ -23,6 +23,11 @@ pub enum Output {
     },
     /// Broker mode only: something the cluster broker must do.
     Broker(crate::cluster::BrokerRequest),
+    /// A client sent a fresh credential (`refresh`): check it with the
+    /// authenticator that admitted the session, then report with
+    /// [`Hub::complete_refresh`](crate::Hub::complete_refresh). The client
+    /// waits for the answer; never drop one without reporting.
+    Refresh(crate::credentials::Refresh),
 }
 
 /// A frame and who receives it. The frame is encoded once; every recipient
@@ -218,11 +223,14 @@ pub enum CloseReason {
     /// A WebSocket text message, or a close frame's reason, that is not
     /// UTF-8 (1007, `invalid_utf8`).
     InvalidUtf8,
+    /// The session's credential expired ([`Identity::expires_at`](crate::Identity::expires_at))
+    /// and no `refresh` replaced it in time (1008, `token_expired`).
+    TokenExpired,
 }
 
 impl CloseReason {
     /// Every reason (handy for metrics).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Normal,
         Self::GoingAway,
         Self::Disconnected,
@@ -234,6 +242,7 @@ impl CloseReason {
         Self::Internal,
         Self::ProtocolError,
         Self::InvalidUtf8,
+        Self::TokenExpired,
     ];
 
     /// The WebSocket close code (PROTOCOL.md, Transports).
@@ -242,7 +251,7 @@ impl CloseReason {
         match self {
             Self::Normal => 1000,
             Self::GoingAway | Self::HeartbeatTimeout | Self::Idle => 1001,
-            Self::Disconnected | Self::TooManyErrors => 1008,
+            Self::Disconnected | Self::TooManyErrors | Self::TokenExpired => 1008,
             Self::ProtocolError => 1002,
             Self::InvalidUtf8 => 1007,
             Self::FrameTooLarge => 1009,
@@ -267,6 +276,7 @@ impl CloseReason {
             Self::Internal => "internal_error",
             Self::ProtocolError => "protocol_error",
             Self::InvalidUtf8 => "invalid_utf8",
+            Self::TokenExpired => "token_expired",
         }
     }
 

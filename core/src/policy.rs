@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::codec::Target;
 use crate::ids::{RoomName, UserId};
+use crate::time::Timestamp;
 
 /// Who a session is, as decided by the caller's authentication.
 #[derive(Debug, Clone, PartialEq)]
@@ -14,6 +15,11 @@ pub struct Identity {
     /// Whatever else authentication learned (JWT claims, roles), for the
     /// policy to read. `Null` when there is nothing.
     pub claims: serde_json::Value,
+    /// When the credential that proved this identity stops being valid (a
+    /// JWT's `exp`), on the caller's clock. The hub closes the session then
+    /// with `token_expired`, unless a `refresh` brought a later one. `None`:
+    /// the session never expires.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl Identity {
@@ -23,6 +29,7 @@ impl Identity {
         Self {
             user: user.into(),
             claims: serde_json::Value::Null,
+            expires_at: None,
         }
     }
 
@@ -30,6 +37,13 @@ impl Identity {
     #[must_use]
     pub fn with_claims(mut self, claims: serde_json::Value) -> Self {
         self.claims = claims;
+        self
+    }
+
+    /// The same identity, valid until `at`.
+    #[must_use]
+    pub fn with_expiry(mut self, at: Timestamp) -> Self {
+        self.expires_at = Some(at);
         self
     }
 }

@@ -33,8 +33,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
-    CloseReason, Config, ConnectError, FrameKind, HandleError, Hub, Identity, LatestKey, Liveness,
-    Output, Policy, SessionKey, Sid, Timestamp,
+    CloseReason, Config, ConnectError, FrameError, FrameKind, HandleError, Hub, Identity,
+    LatestKey, Liveness, Output, Policy, Refresh, SessionKey, Sid, Timestamp,
 };
 
 /// The time a [`Sim`] starts at: 2025-01-01T00:00:00Z, so `ts` values look real.
@@ -72,6 +72,7 @@ pub struct Sim {
     // close reason. Keyed by the full (versioned) key, every session keeps its own.
     inboxes: BTreeMap<SessionKey, Vec<Received>>,
     closed: BTreeMap<SessionKey, CloseReason>,
+    refreshes: Vec<Refresh>,
     sids_drawn: u64,
 }
 
@@ -96,6 +97,7 @@ impl Sim {
             now: SIM_EPOCH,
             inboxes: BTreeMap::new(),
             closed: BTreeMap::new(),
+            refreshes: Vec::new(),
             sids_drawn: 0,
         }
     }
@@ -207,10 +209,23 @@ impl Sim {
                 Output::Close { session, reason } => {
                     self.closed.insert(session, reason);
                 }
+                Output::Refresh(refresh) => self.refreshes.push(refresh),
                 // Broker mode is driven by the runtime, not by this harness.
                 Output::Broker(_) => {}
             }
         }
+    }
+
+    /// Takes the `refresh` credentials waiting for an authenticator, oldest
+    /// first; the test plays the authenticator with [`Sim::complete_refresh`].
+    pub fn take_refreshes(&mut self) -> Vec<Refresh> {
+        std::mem::take(&mut self.refreshes)
+    }
+
+    /// Reports what the authenticator made of a `refresh` and delivers the results.
+    pub fn complete_refresh(&mut self, refresh: Refresh, result: Result<Identity, FrameError>) {
+        self.hub.complete_refresh(self.now, refresh, result);
+        self.pump();
     }
 
     /// Takes what `session` received so far, as JSON.

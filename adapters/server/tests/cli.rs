@@ -9,6 +9,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use switchboard_testkit::{http, Poller, SseClient, WsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -79,13 +80,19 @@ struct Node {
 
 impl Node {
     fn start(args: &[&str]) -> Self {
+        Self::start_with_auth(&["--auth", "trust"], args)
+    }
+
+    /// Started with `auth` (`--auth …` and its flags) instead of `--auth trust`.
+    fn start_with_auth(auth: &[&str], args: &[&str]) -> Self {
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .and_then(|l| l.local_addr())
             .expect("bind 127.0.0.1:0")
             .port();
         let child = Command::new(BIN)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--auth", "trust", "--api-key", "k"])
+            .args(auth)
+            .args(["--api-key", "k"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -587,4 +594,146 @@ async fn a_subscriber_that_stops_reading_a_latest_value_room_converges_and_gets_
         metric(node.port, "switchboard_slow_consumer_closes_total").await,
         0
     );
+}
+
+const JWT_SECRET: &str = "token-expiry-test-secret";
+
+/// HS256 tokens for `user`, all issued at the same second (so they expire
+/// together), valid for each of `ttls` seconds.
+fn jwts(user: &str, ttls: &[u64]) -> Vec<String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_secs();
+    let issuer = switchboard_runtime::JwtAuthenticator::hs256(JWT_SECRET.as_bytes());
+    ttls.iter()
+        .map(|ttl| {
+            issuer
+                .issue(user, now, *ttl, serde_json::Value::Null)
+                .expect("sign")
+        })
+        .collect()
+}
+
+async fn jwt_node() -> Node {
+    let mut node = Node::start_with_auth(&["--auth", "jwt", "--jwt-secret", JWT_SECRET], &[]);
+    node.ready().await;
+    node
+}
+
+fn refresh(token: &str, id: u32) -> String {
+    serde_json::json!({"type": "refresh", "token": token, "id": id}).to_string()
+}
+
+fn assert_token_expired(close: &serde_json::Value) {
+    assert_eq!(close["code"], 1008, "{close}");
+    assert_eq!(close["reason"], "token_expired", "{close}");
+}
+
+#[tokio::test]
+async fn over_websocket_a_jwt_session_closes_at_exp_unless_its_own_user_refreshed_it() {
+    let node = jwt_node().await;
+    // Three sessions whose tokens expire in 3 s, at the same second.
+    let old = jwts("alice", &[3, 3, 3]);
+    let fresh = &jwts("alice", &[60])[0];
+    let bobs = &jwts("bob", &[60])[0];
+    let url = |token: &str| format!("ws://127.0.0.1:{}/ws?token={token}", node.port);
+    let mut idle = WsClient::connect(&url(&old[0])).await;
+    let mut refreshed = WsClient::connect(&url(&old[1])).await;
+    let mut stolen = WsClient::connect(&url(&old[2])).await;
+
+    refreshed
+        .send(&serde_json::from_str(&refresh(fresh, 1)).unwrap())
+        .await;
+    let ack = refreshed.next_of("ack").await;
+    assert_eq!(ack["id"], 1, "{ack}");
+    assert!(ack["expires_in_ms"].as_u64().unwrap() > 3_000, "{ack}");
+
+    stolen
+        .send(&serde_json::from_str(&refresh(bobs, 1)).unwrap())
+        .await;
+    let error = stolen.next_of("error").await;
+    assert_eq!(error["code"], "forbidden", "{error}");
+    assert_eq!(error["id"], 1, "{error}");
+
+    // At exp: the unrefreshed session and the one refused are closed...
+    assert_token_expired(&idle.next_of("close").await);
+    assert_token_expired(&stolen.next_of("close").await);
+    // ...and the refreshed one, whose first token expired with theirs, lives.
+    refreshed
+        .send(&serde_json::json!({"type": "join", "room": "after", "id": 2}))
+        .await;
+    assert_eq!(refreshed.next_of("joined").await["room"], "after");
+}
+
+#[tokio::test]
+async fn over_sse_and_long_poll_refresh_frames_keep_a_jwt_session_past_exp() {
+    let node = jwt_node().await;
+    let addr = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, node.port));
+    let old = jwts("alice", &[3, 3, 3, 3]);
+    let fresh = &jwts("alice", &[60])[0];
+    let bobs = &jwts("bob", &[60])[0];
+    let post = |path: String, body: String| async move {
+        let reply = http(addr, "POST", &path, &[], body.as_bytes()).await;
+        assert_eq!(reply.status, 202, "POST {path}: {:?}", reply.json());
+    };
+
+    // SSE: one stream refreshed through `/sse/send`, one left to expire.
+    let mut sse_idle = SseClient::open(addr, &format!("/sse?rooms=r&token={}", old[0]), &[]).await;
+    let mut sse = SseClient::open(addr, &format!("/sse?rooms=r&token={}", old[1]), &[]).await;
+    sse_idle.next_of("welcome").await;
+    let sse_sid = sse.next_of("welcome").await.data["sid"]
+        .as_str()
+        .expect("a sid")
+        .to_owned();
+    post(
+        format!("/sse/send?sid={sse_sid}&token={}", old[1]),
+        refresh(fresh, 1),
+    )
+    .await;
+    assert_eq!(sse.next_of("ack").await.data["id"], 1);
+
+    // Long-poll: one refreshed, one refused another user's token.
+    let mut polls = Vec::new();
+    for token in &old[2..] {
+        let open = http(addr, "POST", &format!("/poll/open?token={token}"), &[], b"").await;
+        assert_eq!(open.status, 200, "POST /poll/open");
+        let sid = open.json()[0]["sid"].as_str().expect("a sid").to_owned();
+        polls.push((
+            sid.clone(),
+            Poller::new(addr, format!("/poll?sid={sid}&token={token}")),
+        ));
+    }
+    let (poll_sid, poller) = &mut polls[0];
+    post(
+        format!("/poll/send?sid={poll_sid}&token={}", old[2]),
+        refresh(fresh, 1),
+    )
+    .await;
+    // Later polls carry the fresh token: the first one expires.
+    poller.path = format!("/poll?sid={poll_sid}&token={fresh}");
+    assert_eq!(poller.next_of("ack").await["id"], 1);
+    let (stolen_sid, stolen) = &mut polls[1];
+    post(
+        format!("/poll/send?sid={stolen_sid}&token={}", old[3]),
+        refresh(bobs, 1),
+    )
+    .await;
+    let error = stolen.next_of("error").await;
+    assert_eq!(error["code"], "forbidden", "{error}");
+    // This poll waits (it was let in before exp) and gets the `close`.
+    assert_token_expired(&stolen.next_of("close").await);
+    assert_token_expired(&sse_idle.next_of("close").await.data);
+
+    // The refreshed ones live on past exp.
+    let join = serde_json::json!({"type": "join", "room": "after"}).to_string();
+    post(
+        format!("/sse/send?sid={sse_sid}&token={fresh}"),
+        join.clone(),
+    )
+    .await;
+    assert_eq!(sse.next_of("joined").await.data["room"], "after");
+    let (poll_sid, poller) = &mut polls[0];
+    post(format!("/poll/send?sid={poll_sid}&token={fresh}"), join).await;
+    assert_eq!(poller.next_of("joined").await["room"], "after");
 }

@@ -8,9 +8,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use slotmap::SecondaryMap;
 use switchboard_core::{
-    CloseReason, Config, ErrorCode, Hub, Identity, Liveness, OpenPolicy, Output, Policy, Published,
-    RawValue, Recipient, RoomInfo, RoomName, Sequencing, SessionKey, Sid, Target, Timestamp,
-    UserId,
+    CloseReason, Config, ErrorCode, FrameError, Hub, Identity, Liveness, OpenPolicy, Output,
+    Policy, Published, RawValue, Recipient, Refresh, RoomInfo, RoomName, Sequencing, SessionKey,
+    Sid, Target, Timestamp, UserId,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -185,6 +185,7 @@ impl Builder {
                 superseded: 0,
                 timer_armed: None,
                 work: Vec::new(),
+                refreshes: Vec::new(),
                 membership,
             }),
             broker,
@@ -265,6 +266,9 @@ pub(crate) struct Inner {
     timer_armed: Option<Timestamp>,
     /// Broker work the last input produced, for its caller to perform.
     work: Vec<Work>,
+    /// `refresh` frames waiting for the authenticator: only client frames
+    /// produce them, and [`Shared::handle_frame`] completes them.
+    refreshes: Vec<Refresh>,
     /// The membership changes for the broker (broker mode).
     membership: Option<MembershipQueue>,
 }
@@ -301,6 +305,7 @@ impl Inner {
                             self.work.extend(cluster::prepare(queue, request));
                         }
                     }
+                    Output::Refresh(refresh) => self.refreshes.push(refresh),
                     _ => {}
                 }
             }
@@ -369,6 +374,23 @@ impl Shared {
             // Boxed: the broker's futures are large, and every connection
             // task would otherwise carry their space even in one-node mode.
             Box::pin(cluster::execute(self, broker, work)).await;
+        }
+        self.complete_refreshes().await;
+    }
+
+    /// Checks the tokens of pending `refresh` frames with the authenticator
+    /// that admitted the sessions and reports the outcome to the core (which
+    /// keeps the session's user and answers `ack` or `forbidden`). Awaited by
+    /// the frame's session, so its next frame sees the new identity.
+    async fn complete_refreshes(self: &Arc<Self>) {
+        let pending = std::mem::take(&mut self.lock().refreshes);
+        for refresh in pending {
+            let result = self
+                .authenticator
+                .authenticate_token(refresh.token())
+                .await
+                .map_err(|refusal| FrameError::new(refusal.code, refusal.message));
+            self.run(|inner, now| inner.hub.complete_refresh(now, refresh, result));
         }
     }
 }
