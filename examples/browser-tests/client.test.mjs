@@ -79,8 +79,14 @@ function joined(page, room) {
   return page.waitForFunction((room) => window.sb.rooms.get(room)?.joined === true, room, { timeout: WAIT });
 }
 
-async function publish(room, data, base = CLIENT_URL) {
-  return JSON.parse(await post(new URL("api/publish", base), { room, data }, { authorization: `Bearer ${API_KEY}` }));
+async function publish(room, data, base = CLIENT_URL, event = undefined) {
+  const body = { room, data, ...(event && { event }) };
+  return JSON.parse(await post(new URL("api/publish", base), body, { authorization: `Bearer ${API_KEY}` }));
+}
+
+/** Publishes `[event, n]` pairs to `room`, `data` being `{ n }`, in order. */
+async function publishEvents(room, events) {
+  for (const [event, n] of events) await publish(room, { n }, CLIENT_URL, event);
 }
 
 /** Runs `room.publish(data, options)` in the page; resolves with how it
@@ -738,6 +744,89 @@ test("echo: false is no hole: no rejoin for one's own unechoed publishes", { tim
     [4, 4],
   ]);
   assert.deepEqual(network.sent.filter((f) => f.type === "join" && f.since), [], "no rejoin");
+  await page.context().close();
+});
+
+// Rooms named `latest…` are latest-value rooms on the test server.
+
+test("latest-value room: a join replays its state, gaps in seq and all, and that is no hole", { timeout: 30_000 }, async () => {
+  const room = "latest-replay";
+  // a@1 is replaced by a@3, then by a@4: the room keeps b@2 and a@4.
+  await publishEvents(room, [["a", 1], ["b", 2], ["a", 3], ["a", 4]]);
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "ada", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  await waitForMessages(page, 2);
+  await publishEvents(room, [["b", 5]]);
+  await waitForMessages(page, 3);
+  await page.waitForTimeout(300);
+  const { messages, resets } = await log(page);
+  assert.deepEqual(messages.map((m) => [m.data.n, m.seq]), [
+    [2, 2],
+    [4, 4],
+    [5, 5],
+  ]);
+  assert.equal(await page.evaluate((room) => window.sb.rooms.get(room).latest, room), true, "joined said latest");
+  assert.deepEqual(network.sent.filter((f) => f.type === "join" && f.since), [], "no rejoin for the gap");
+  assert.deepEqual(resets, []);
+  await page.context().close();
+});
+
+test("latest-value room over long-poll: values queued while it does not poll are replaced; it gets the newest, no rejoin", { timeout: 30_000 }, async () => {
+  const room = "latest-poll";
+  const page = await tab(room);
+  // Polls wait while `held` is set; the client's frames are recorded.
+  let held = null;
+  let polls = 0;
+  const sent = [];
+  await page.route(
+    (url) => url.pathname === "/poll",
+    async (route) => {
+      await held;
+      polls += 1;
+      await route.continue();
+    },
+  );
+  await page.route(
+    (url) => url.pathname === "/poll/send",
+    async (route) => {
+      sent.push(...JSON.parse(route.request().postData()));
+      await route.continue();
+    },
+  );
+  await start(page, "bea", { transports: ["longpoll"] }, room);
+  await connected(page, "longpoll");
+  await joined(page, room);
+  await publishEvents(room, [["a", 1]]);
+  await waitForMessages(page, 1);
+  // Once the poll after a@1 has gone out, hold the ones after it: the
+  // outstanding poll takes a@2, and the next one waits.
+  const before = polls;
+  await eventually(() => polls > before, { what: "the poll after a@1" });
+  let release;
+  held = new Promise((resolve) => (release = resolve));
+  await publishEvents(room, [["a", 2]]);
+  await waitForMessages(page, 2);
+  // Queued, unsent: a@3 is replaced by a@5; b@4 stays.
+  await publishEvents(room, [["a", 3], ["b", 4], ["a", 5]]);
+  release();
+  held = null;
+  await waitForMessages(page, 4);
+  await publishEvents(room, [["a", 6]]);
+  await waitForMessages(page, 5);
+  await page.waitForTimeout(300);
+  const { messages, resets } = await log(page);
+  assert.deepEqual(messages.map((m) => [m.data.n, m.seq]), [
+    [1, 1],
+    [2, 2],
+    [4, 4],
+    [5, 5],
+    [6, 6],
+  ]);
+  assert.deepEqual(sent.filter((f) => f.type === "join" && f.since), [], "no rejoin for the gap");
+  assert.deepEqual(resets, []);
   await page.context().close();
 });
 

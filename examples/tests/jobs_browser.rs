@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use switchboard_core::Config;
+use switchboard_core::{Config, LatestValue, Policy, RoomName, RoomOptions};
 use switchboard_examples::jobs;
 use switchboard_runtime::{JwtAuthenticator, RuntimeConfig, Switchboard, TrustClientName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -372,10 +372,25 @@ async fn jobs_page_in_a_real_browser() {
     }
 }
 
+/// The client test's rooms: open to all, and latest-value rooms when their
+/// name starts with `latest`.
+struct ClientTestRooms;
+
+impl Policy for ClientTestRooms {
+    fn room_options(&self, room: &RoomName) -> RoomOptions {
+        let options = RoomOptions::default();
+        if room.as_str().starts_with("latest") {
+            options.latest_value(LatestValue::default())
+        } else {
+            options
+        }
+    }
+}
+
 /// A plain server for the client test on a free port: a blank page at `/` to
 /// load the client into (same origin as the server), and every Switchboard
 /// route. A short heartbeat (1.5 s + 1.5 s), so silence is noticed within
-/// seconds.
+/// seconds. Rooms named `latest…` are latest-value rooms.
 fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, SocketAddr) {
     let mut config = Config::default();
     config.heartbeat_interval = Duration::from_millis(1500);
@@ -384,6 +399,7 @@ fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, Socket
         .config(config)
         .runtime_config(runtime)
         .authenticator(TrustClientName)
+        .policy(ClientTestRooms)
         .build()
         .expect("switchboard");
     let (server, addr) = serve_with_blank_page(&switchboard, warp::any().and_then(not_found));

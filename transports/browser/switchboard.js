@@ -21,7 +21,9 @@
 // duplicates by `seq`. A live message that shows a hole in a room's `seq`
 // (or a new `epoch`) makes it rejoin that room with `since` = the last seq it
 // has without a hole, so the server replays what is missing (or answers
-// `recovered: false`, and `onReset` fires). After the server's `interval_ms`
+// `recovered: false`, and `onReset` fires); in a latest-value room
+// (`joined.latest`) a gap is a value the server replaced by a newer one, not a
+// loss, so it is not chased. After the server's `interval_ms`
 // of silence it pings; after `interval_ms + timeout_ms` it reconnects, and a
 // transport whose connections keep going silent (`maxSilentFailures` in a
 // row: a proxy that passes `welcome` and then holds everything) is given up
@@ -600,6 +602,7 @@ export class Room {
     this.epoch = null;
     this.members = null;
     this.joined = false;
+    this.latest = false; // a latest-value room (`joined.latest`): its seq has gaps by design
     this.recovering = false; // rejoining with `since` after a hole or a new epoch
     this.unechoed = 0; // our publishes with `echo: false` on this session: holes in seq we expect
     this.retries = 0;
@@ -660,6 +663,7 @@ export class Room {
     const resumed = this.epoch !== null;
     const lost = resumed && (frame.recovered === false || frame.epoch !== this.epoch);
     this.joined = true;
+    this.latest = frame.latest === true;
     this.recovering = false;
     this.retries = 0;
     this.epoch = frame.epoch;
@@ -676,7 +680,10 @@ export class Room {
       if (frame.epoch !== this.epoch) return this.recover();
       // At most once, in order: drop what was already seen in this epoch.
       if (frame.seq <= this.seq) return;
-      const hole = frame.seq - this.seq - 1;
+      // No hole is a loss in a replay (what precedes `joined`: the server
+      // replays all it has, or says `recovered: false`), nor in a
+      // latest-value room, where a value replaced by a newer one is never sent.
+      const hole = this.joined && !this.latest ? frame.seq - this.seq - 1 : 0;
       if (hole > 0) {
         // A hole is ours when this session published that many messages
         // with `echo: false`; any other hole is messages we missed: keep
