@@ -1,0 +1,246 @@
+// `shareTabs: true` in a real browser: three tabs of one user in one browser
+// (one context: one origin's BroadcastChannel and Web Locks), against a
+// plain server of its own (trusting the client's name, heartbeat 1.5 s +
+// 1.5 s, HTTP publish API on) whose `/metrics` counts its sessions. Run by
+// examples/tests/jobs_browser.rs:
+//
+//   TABS_URL      the server (its `/` is a blank page to load the client into)
+//   TABS_API_KEY  the publish API's bearer key
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { launch, watch, post, eventually } from "./harness.mjs";
+
+const URL_ = process.env.TABS_URL;
+const API_KEY = process.env.TABS_API_KEY;
+const WAIT = 10_000;
+
+let browser;
+const errors = [];
+
+before(async () => {
+  assert.ok(URL_ && API_KEY, "set TABS_URL and TABS_API_KEY (examples/tests/jobs_browser.rs does)");
+  browser = await launch();
+});
+
+after(async () => {
+  if (browser) await browser.close();
+  assert.deepEqual(errors, [], "no uncaught errors in the pages");
+});
+
+/** A tab in `context` with a shared-tabs client of `user` joined to `rooms`;
+ * it records every frame its Switchboard is handed (`log.frames`), every
+ * message per room, and its states. */
+async function tab(context, name, user, rooms) {
+  const page = watch(await context.newPage(), name, errors);
+  await page.goto(URL_);
+  await page.evaluate(
+    async ({ user, rooms }) => {
+      const { Switchboard } = await import("/switchboard.js");
+      const log = (window.log = { frames: [], messages: {}, states: [], welcomes: [], directs: [], roomErrors: {} });
+      const sb = (window.sb = new Switchboard({ token: user, shareTabs: true, backoffBaseMs: 200 }));
+      const handle = sb.handleFrame.bind(sb);
+      sb.handleFrame = (frame) => {
+        log.frames.push(frame);
+        handle(frame);
+      };
+      sb.on("state", ({ state, transport }) => log.states.push({ state, transport, at: Date.now() }));
+      sb.on("welcome", (frame) => log.welcomes.push({ sid: frame.sid, at: Date.now() }));
+      sb.on("direct", (frame) => log.directs.push(frame.data));
+      window.joinRoom = (room, options = {}) => {
+        log.messages[room] = [];
+        sb.join(room, (data, frame) => log.messages[room].push({ seq: frame.seq, data }), {
+          ...options,
+          onError: (e) => (log.roomErrors[room] = e.code),
+        });
+      };
+      for (const room of rooms) window.joinRoom(room);
+    },
+    { user, rooms },
+  );
+  return page;
+}
+
+const log = (page) => page.evaluate(() => window.log);
+
+function allJoined(page) {
+  return page.waitForFunction(
+    () => window.sb.state === "connected" && [...window.sb.rooms.values()].every((r) => r.joined),
+    null,
+    { timeout: WAIT },
+  );
+}
+
+async function publish(room, data) {
+  return JSON.parse(await post(new URL("api/publish", URL_), { room, data }, { authorization: `Bearer ${API_KEY}` }));
+}
+
+/** The server's open sessions, from its Prometheus metrics. */
+async function sessions() {
+  const text = await (await fetch(new URL("metrics", URL_))).text();
+  const line = text.split("\n").find((l) => l.startsWith("switchboard_sessions "));
+  return Number(line.split(" ")[1]);
+}
+
+function received(page, room, n) {
+  return page.waitForFunction(({ room, n }) => (window.log.messages[room] || []).length >= n, { room, n }, { timeout: WAIT });
+}
+
+/** Runs `body` in the page with its `window.sb`; resolves with {ok, value} or {ok: false, code}. */
+function inPage(page, body, arg) {
+  return page.evaluate(
+    async ({ body, arg }) => {
+      try {
+        return { ok: true, value: await new Function("sb", "arg", `return (async () => { ${body} })()`)(window.sb, arg) };
+      } catch (e) {
+        return { ok: false, code: e.code, message: e.message };
+      }
+    },
+    { body, arg },
+  );
+}
+
+test("three tabs, one session: each tab gets its own rooms and requests as a normal client", { timeout: 60_000 }, async () => {
+  const context = await browser.newContext();
+  try {
+    await sharedSession(context);
+  } finally {
+    await context.close();
+  }
+  await eventually(async () => (await sessions()) === 0, { what: "the session to end with the tabs" });
+});
+
+async function sharedSession(context) {
+  const one = await tab(context, "one", "tess", ["ta", "tall"]);
+  const two = await tab(context, "two", "tess", ["tb", "tall"]);
+  const three = await tab(context, "three", "tess", ["ta", "tc", "tall"]);
+  const tabs = [one, two, three];
+  for (const page of tabs) await allJoined(page);
+
+  assert.equal(await sessions(), 1, "the server sees one session for three tabs");
+  const leaders = await Promise.all(tabs.map((p) => p.evaluate(() => window.sb.isLeader)));
+  assert.equal(leaders.filter(Boolean).length, 1, `one leader (${leaders})`);
+  const sids = await Promise.all(tabs.map((p) => p.evaluate(() => window.sb.sid)));
+  assert.equal(new Set(sids).size, 1, "every tab is on the one session");
+
+  for (const room of ["ta", "tb", "tc", "tall"]) for (let n = 1; n <= 3; n++) await publish(room, { room, n });
+  const want = { one: ["ta", "tall"], two: ["tall", "tb"], three: ["ta", "tall", "tc"] }; // sorted
+  for (const [name, page] of [["one", one], ["two", two], ["three", three]]) {
+    for (const room of want[name]) await received(page, room, 3);
+  }
+  await one.waitForTimeout(300); // room for a stray frame to show up
+  for (const [name, page] of [["one", one], ["two", two], ["three", three]]) {
+    const { frames, messages } = await log(page);
+    const rooms = new Set(frames.filter((f) => f.type === "message").map((f) => f.room));
+    assert.deepEqual([...rooms].sort(), want[name], `${name} is handed messages of its rooms only`);
+    for (const room of want[name]) {
+      assert.deepEqual(
+        messages[room].map((m) => [m.seq, m.data.n]),
+        [
+          [1, 1],
+          [2, 2],
+          [3, 3],
+        ],
+        `${name} got ${room} once each, in order`,
+      );
+    }
+    const joinedRooms = frames.filter((f) => f.type === "joined").map((f) => f.room).sort();
+    assert.deepEqual(joinedRooms, want[name], `${name} is handed the joined of its own joins only`);
+  }
+
+  // A publish from a follower is acked; echo: false keeps it from its own tab only.
+  const follower = tabs[leaders.indexOf(false)];
+  assert.deepEqual(await inPage(follower, "await sb.rooms.get('tall').publish({ n: 4 }); return 'acked'"), { ok: true, value: "acked" });
+  assert.deepEqual(await inPage(follower, "await sb.rooms.get('tall').publish({ n: 5 }, { echo: false }); return 'acked'"), {
+    ok: true,
+    value: "acked",
+  });
+  for (const page of tabs) await received(page, "tall", page === follower ? 4 : 5);
+  await follower.waitForTimeout(300);
+  for (const page of tabs) {
+    const got = (await log(page)).messages.tall.map((m) => m.data.n);
+    assert.deepEqual(got, page === follower ? [1, 2, 3, 4] : [1, 2, 3, 4, 5], "echo: false skips the publishing tab only");
+  }
+
+  // Errors reach the tab that caused them, as from the server.
+  await follower.evaluate(() => window.joinRoom("not a room!"));
+  await follower.waitForFunction(() => window.log.roomErrors["not a room!"], null, { timeout: WAIT });
+  assert.equal((await log(follower)).roomErrors["not a room!"], "invalid_room");
+  const refused = await inPage(follower, "await sb.direct({ user: 'nobody-here' }, {}); return 'acked'");
+  assert.equal(refused.code, "unknown_target", "a refused request rejects with the server's code");
+
+  // Leaving: a room another tab still holds is acked and stops reaching this
+  // tab only; a room this tab is not in is `not_joined`.
+  const before = (await log(three)).messages.ta.length;
+  assert.deepEqual(await inPage(one, "await sb.rooms.get('ta').leave(); return 'left'"), { ok: true, value: "left" });
+  const stale = await inPage(one, "return await sb.request({ type: 'leave', room: 'tc' })");
+  assert.equal(stale.code, "not_joined", "one never joined tc (three did)");
+  await publish("ta", { n: 4 });
+  await received(three, "ta", before + 1);
+  await one.waitForTimeout(300);
+  assert.equal((await log(one)).frames.filter((f) => f.type === "message" && f.room === "ta" && f.seq === 4).length, 0);
+
+  // A direct to the user reaches every tab; a ping is answered.
+  await post(new URL("api/direct", URL_), { user: "tess", data: { hi: 1 } }, { authorization: `Bearer ${API_KEY}` });
+  for (const page of tabs) await page.waitForFunction(() => window.log.directs.length === 1, null, { timeout: WAIT });
+  for (const page of tabs) assert.deepEqual(await inPage(page, "await sb.request({ type: 'ping' }); return 'pong'"), { ok: true, value: "pong" });
+
+  assert.equal(await sessions(), 1, "still one session");
+}
+
+test("closing the leader tab while messages flow: the others get each once, in order, and a new leader within 2 s", { timeout: 90_000 }, async () => {
+  const context = await browser.newContext();
+  try {
+    await handover(context);
+  } finally {
+    await context.close();
+  }
+});
+
+async function handover(context) {
+  const tabs = [];
+  for (const name of ["a", "b", "c"]) tabs.push(await tab(context, `handover-${name}`, "ursula", ["flow"]));
+  for (const page of tabs) await allJoined(page);
+  assert.equal(await sessions(), 1);
+  const leaders = await Promise.all(tabs.map((p) => p.evaluate(() => window.sb.isLeader)));
+  assert.equal(leaders.filter(Boolean).length, 1);
+  const leader = tabs[leaders.indexOf(true)];
+  const others = tabs.filter((p) => p !== leader);
+
+  const total = 80;
+  let closedAt = null;
+  for (let n = 1; n <= total; n++) {
+    await publish("flow", { n });
+    if (n === 20) {
+      await leader.close(); // the tab goes away: its lock is released
+      closedAt = Date.now();
+    }
+    await new Promise((resolve) => setTimeout(resolve, 25));
+  }
+  for (const page of others) await received(page, "flow", total);
+  await others[0].waitForTimeout(500); // room for a duplicate to show up
+  for (const page of others) {
+    const { messages, welcomes } = await log(page);
+    assert.deepEqual(
+      messages.flow.map((m) => m.data.n),
+      Array.from({ length: total }, (_, i) => i + 1),
+      "every message once, in order",
+    );
+    assert.deepEqual(
+      messages.flow.map((m) => m.seq),
+      Array.from({ length: total }, (_, i) => i + 1),
+    );
+    assert.equal(welcomes.length, 2, "one welcome from each leader");
+  }
+  const now = await Promise.all(others.map((p) => p.evaluate(() => window.sb.isLeader)));
+  assert.equal(now.filter(Boolean).length, 1, "one of the others leads");
+  // The takeover: each remaining tab had its second welcome (the new
+  // leader's session) within 2 s of the old leader's tab closing.
+  for (const page of others) {
+    const { welcomes } = await log(page);
+    const took = welcomes[1].at - closedAt;
+    assert.ok(took < 2000, `a new leader within 2 s (${took} ms)`);
+  }
+  assert.notEqual((await log(others[0])).welcomes[1].sid, (await log(others[0])).welcomes[0].sid, "a new session");
+  await eventually(async () => (await sessions()) === 1, { what: "one session again" });
+}
