@@ -27,6 +27,11 @@
 //! (refreshed in band, no reconnect) over each transport, and a refresh
 //! naming another user refused.
 //!
+//! `tabs_share_one_connection_in_a_real_browser` runs `tabs.test.mjs`
+//! against the client test's kind of server (its `/metrics` counts
+//! sessions): three tabs with `shareTabs: true` on one session, each getting
+//! only its own rooms, and the leader tab closed while messages flow.
+//!
 //! Needs Chromium (`apt-get install -y chromium`, or `CHROMIUM_PATH`) and
 //! Node 20+ with npm; fails, saying what to install, when they are missing.
 
@@ -486,6 +491,25 @@ async fn expiring_tokens_are_refreshed_by_switchboard_js_in_a_real_browser() {
         "token.test.mjs",
         &[("TOKEN_URL", format!("http://{addr}/"))],
         &screenshots("token-browser"),
+        CLIENT_TEST_TIMEOUT,
+    )
+    .await;
+    switchboard.shutdown().await;
+    server.await.expect("server task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_share_one_connection_in_a_real_browser() {
+    let _one = ONE_BROWSER.lock().await;
+    browser::prepare().await;
+    let (switchboard, server, addr) = client_server(RuntimeConfig::default());
+    browser::node_test(
+        "tabs.test.mjs",
+        &[
+            ("TABS_URL", format!("http://{addr}/")),
+            ("TABS_API_KEY", CLIENT_API_KEY.to_owned()),
+        ],
+        &screenshots("tabs-browser"),
         CLIENT_TEST_TIMEOUT,
     )
     .await;

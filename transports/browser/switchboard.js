@@ -799,8 +799,7 @@ const ENCODER = new TextEncoder();
 class TabShare {
   constructor(client, options) {
     this.client = client;
-    // What the leader's real connection is opened with: this tab's options.
-    this.upstreamOptions = { ...options, url: client.url.href, shareTabs: false };
+    this.options = options;
     const user = options.shareKey ?? tokenSubject(options.token);
     this.name = `switchboard.js|${client.url.href}|${user}`;
     this.tabId = randomId();
@@ -838,6 +837,13 @@ class TabShare {
 
   transport() {
     return new TabTransport(this);
+  }
+
+  /** What the leader's real connection is opened with: this tab's options,
+   * and its newest token (with getToken, a fresh one is fetched first). */
+  upstreamOptions() {
+    const token = this.client.getToken ? undefined : this.client.token;
+    return { ...this.options, url: this.client.url.href, token, shareTabs: false, autoConnect: true };
   }
 
   /** To the leader: this tab's mux, or the channel. */
@@ -975,6 +981,7 @@ class Upstream extends Switchboard {
   }
 
   sendFailed(frames, error) {
+    super.sendFailed(frames, error); // its own (`refresh`)
     for (const frame of frames) if (frame && frame.id !== undefined) this.mux.failed(frame.id, error);
   }
 }
@@ -990,14 +997,13 @@ class Mux {
     // `joined`/`seq`/`epoch` are the real session's; the FIFOs hold the ids
     // of its joins and presence requests (answered by frames without an id,
     // in order) and of its publishes (to tell whose echo a message is).
-    // An Entry is one session in a room: {state: pending|joined, pos, epoch, presence}.
+    // An Entry is one session in a room: {state: pending|joined, presence}.
     this.rooms = new Map();
     this.requests = new Map(); // upstream id -> {session, id, kind, room, prev}
-    this.nextId = 1;
     this.welcome = null;
     this.watched = new Set();
     this.abort = new AbortController();
-    this.upstream = new Upstream(this, share.upstreamOptions);
+    this.upstream = new Upstream(this, share.upstreamOptions());
     this.unwatch = this.upstream.on("state", ({ state }) => {
       // Closed by itself: refused for good (authentication, policy).
       if (state !== "connected") this.upstreamDown(state === "closed");
@@ -1112,16 +1118,15 @@ class Mux {
         return;
       case "pong":
         return;
+      case "refresh":
+        // The shared session's token is the leader's (its getToken keeps it
+        // fresh); a follower's refresh only renews what it will lead with.
+        if (answer) this.reply(session, answer);
+        return;
       case "join": {
         if (name === null) break;
         const prev = session.rooms.get(name);
-        const since = frame.since && typeof frame.since === "object" ? frame.since : null;
-        const entry = {
-          state: "pending",
-          pos: since && typeof since.seq === "number" ? since.seq : null,
-          epoch: since ? since.epoch : null,
-          presence: frame.presence !== false,
-        };
+        const entry = { state: "pending", presence: frame.presence !== false };
         const room = this.room(name);
         session.rooms.set(name, entry);
         room.members.set(session.key, entry);
@@ -1184,7 +1189,8 @@ class Mux {
   /** Sends `frame` on the real session under an id of the mux; its answer
    * goes back to `session` under the tab's own id. */
   forward(session, frame, kind, room, prev) {
-    const upId = this.nextId++;
+    // The upstream's own counter: its own requests (`refresh`) share the ids.
+    const upId = this.upstream.nextId++;
     this.requests.set(upId, { session: session && session.key, id: frame.id, kind, room, prev });
     if (!this.upstream.send({ ...frame, id: upId })) {
       this.failed(upId, new SwitchboardError("not_connected", "not connected"));
@@ -1251,41 +1257,33 @@ class Mux {
     }
   }
 
+  /** A live message goes to every tab in the room; a replay (at or below
+   * what the real session has seen in this epoch, or before its first
+   * `joined`) to the tab whose join asked for it: the server sends a join's
+   * replay, then its `joined`, so it is the oldest join still unanswered.
+   * Each tab's Room drops what it already has by seq, as after any reconnect. */
   onMessage(frame) {
     const room = this.rooms.get(frame.room);
     if (!room) return;
-    // Live: new to the real session (not a replay for one tab's `since`).
     const live = room.joined && (frame.epoch !== room.epoch || frame.seq > room.seq);
+    if (!live) {
+      const request = room.joins.length ? this.requests.get(room.joins[0]) : null;
+      if (request && room.members.has(request.session)) this.toKeys([request.session], frame);
+      return;
+    }
+    room.seq = frame.seq;
+    room.epoch = frame.epoch;
     let skip = null;
-    if (live) {
-      room.seq = frame.seq;
-      room.epoch = frame.epoch;
-      const sid = this.welcome && this.welcome.sid;
-      if (frame.from && frame.from.sid === sid && room.publishes.length) {
-        // The server answers in order: our own live message is the echo of
-        // the oldest publish still unanswered.
-        const publish = room.publishes.shift();
-        if (!publish.echo) skip = publish.session;
-      }
+    if (frame.from && frame.from.sid === this.welcome.sid && room.publishes.length) {
+      // The server answers in order: our own live message is the echo of
+      // the oldest publish still unanswered.
+      const publish = room.publishes.shift();
+      if (!publish.echo) skip = publish.session;
     }
-    const keys = [];
-    for (const [key, entry] of room.members) {
-      if (key === skip) {
-        if (entry.state === "joined" && entry.epoch === frame.epoch && frame.seq > entry.pos) entry.pos = frame.seq;
-        continue;
-      }
-      if (entry.state === "pending") {
-        // Only its own replay, in order, from its `since`: a fresh join
-        // starts at its `joined`; others' replays are not for it.
-        if (entry.pos === null || entry.epoch !== frame.epoch || frame.seq !== entry.pos + 1) continue;
-        entry.pos = frame.seq;
-      } else if (entry.epoch === frame.epoch) {
-        if (frame.seq <= entry.pos) continue; // a replay for another tab
-        entry.pos = frame.seq;
-      } // a new epoch: the tab rejoins with `since`
-      keys.push(key);
-    }
-    this.toKeys(keys, frame);
+    this.toKeys(
+      [...room.members.keys()].filter((key) => key !== skip),
+      frame,
+    );
   }
 
   onJoined(frame) {
@@ -1296,11 +1294,7 @@ class Mux {
     if (room.epoch !== frame.epoch || room.seq === null || frame.seq > room.seq) room.seq = frame.seq;
     room.epoch = frame.epoch;
     const request = room.joins.length ? this.requests.get(room.joins.shift()) : null;
-    const settle = (entry) => {
-      entry.state = "joined";
-      entry.epoch = frame.epoch;
-      entry.pos = frame.seq;
-    };
+    const settle = (entry) => (entry.state = "joined");
     if (request) {
       const session = this.sessions.get(request.session);
       const entry = session && session.rooms.get(name);
