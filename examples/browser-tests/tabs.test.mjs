@@ -186,6 +186,30 @@ async function sharedSession(context) {
   for (const page of tabs) assert.deepEqual(await inPage(page, "await sb.request({ type: 'ping' }); return 'pong'"), { ok: true, value: "pong" });
 
   assert.equal(await sessions(), 1, "still one session");
+
+  // A tab closed (not its Switchboard: the page goes away) is noticed by its
+  // lock: the shared session leaves the rooms no other tab wants, as an
+  // unshared client of another user sees by presence, and stays in the rest.
+  const watcher = watch(await context.newPage(), "watcher", errors);
+  await watcher.goto(URL_);
+  await watcher.evaluate(async () => {
+    const { Switchboard } = await import("/switchboard.js");
+    window.events = [];
+    const sb = (window.sb = new Switchboard({ token: "walt" }));
+    sb.join("tonly", null, { onPresence: (frame) => window.events.push(`${frame.action} ${frame.user}`) });
+  });
+  await allJoined(watcher);
+  await follower.evaluate(() => window.joinRoom("tonly"));
+  await allJoined(follower);
+  await watcher.waitForFunction(() => window.events.includes("join tess"), null, { timeout: WAIT });
+  await follower.close();
+  await watcher.waitForFunction(() => window.events.includes("leave tess"), null, { timeout: WAIT });
+  const rest = tabs.filter((p) => p !== follower);
+  const counts = await Promise.all(rest.map(async (p) => (await log(p)).messages.tall.length));
+  await publish("tall", { n: 6 });
+  for (const [i, page] of rest.entries()) await received(page, "tall", counts[i] + 1);
+  assert.equal(await sessions(), 2, "the shared session and the watcher's");
+  await watcher.close();
 }
 
 test("closing the leader tab while messages flow: the others get each once, in order, and a new leader within 2 s", { timeout: 90_000 }, async () => {
