@@ -25,7 +25,9 @@
 //! `token.test.mjs` against a server taking JWTs: a session closed
 //! `token_expired` at `exp` without `getToken`, kept open past it with one
 //! (refreshed in band, no reconnect) over each transport, and a refresh
-//! naming another user refused.
+//! naming another user refused; and two tabs sharing one session
+//! (`shareTabs`), kept past `exp` by the leader's refresh, the other tab
+//! taking over with a fresh token.
 //!
 //! `tabs_share_one_connection_in_a_real_browser` runs `tabs.test.mjs`
 //! against the client test's kind of server (its `/metrics` counts
