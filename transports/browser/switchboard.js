@@ -593,15 +593,20 @@ export class Switchboard {
   }
 }
 
-/** Milliseconds until a JWT's `exp` (its payload is readable without the key), or null. */
-function jwtExpiresInMs(token) {
+/** A JWT's payload (readable without the key), or null. */
+function jwtPayload(token) {
   try {
     const payload = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const { exp } = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
-    return typeof exp === "number" ? exp * 1000 - Date.now() : null;
+    return JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
   } catch {
     return null;
   }
+}
+
+/** Milliseconds until a JWT's `exp`, or null. */
+function jwtExpiresInMs(token) {
+  const exp = jwtPayload(token)?.exp;
+  return typeof exp === "number" ? exp * 1000 - Date.now() : null;
 }
 
 /** A room this client is in. */
@@ -753,12 +758,13 @@ export class SwitchboardError extends Error {
 // so nothing is lost, and what two tabs' replays bring twice is dropped by
 // room and seq in each tab.
 //
-// A SharedWorker would avoid the election, but its script must be a file of
-// the page's own origin (a client served by a Switchboard server on another
-// origin cannot start one, nor can a page under a `worker-src` policy), some
-// browsers lack it (Chrome on Android), and a worker cannot tell when a tab is
-// gone; BroadcastChannel and Web Locks are in every current browser and run
-// the same transport code in a tab. See docs/PROTOCOL.md ("Shared tabs").
+// Not a SharedWorker: it could not call the page's `getToken()` (a function
+// does not cross to a worker, so tokens could not be refreshed), its script
+// must be a file of the page's own origin (a client served by a Switchboard
+// server on another origin cannot start one, nor can a page under a
+// `worker-src` policy), and some browsers lack it (Chrome on Android).
+// BroadcastChannel and Web Locks are in every current browser and run the
+// same transport code in a tab. See docs/PROTOCOL.md ("Shared tabs").
 //
 // Channel messages (`k`): a tab's `open` (a virtual session), `frame` (a
 // client frame of that session) and `bye` go to the leader; the leader's
@@ -775,16 +781,8 @@ function canShareTabs() {
  * itself (the trust authenticator's user name, or an opaque key). */
 function tokenSubject(token) {
   if (typeof token !== "string" || !token) return "";
-  const parts = token.split(".");
-  if (parts.length === 3) {
-    try {
-      const payload = JSON.parse(atob(parts[1].replace(/-/g, "+").replace(/_/g, "/")));
-      if (payload && typeof payload.sub === "string") return payload.sub;
-    } catch {
-      // not a JWT after all
-    }
-  }
-  return token;
+  const sub = token.split(".").length === 3 ? jwtPayload(token)?.sub : undefined;
+  return typeof sub === "string" ? sub : token;
 }
 
 function randomId() {
@@ -933,6 +931,7 @@ class TabTransport {
     if (this.state === "closed") return;
     switch (message.k) {
       case "welcome":
+        if (this.state !== "opening") return;
         this.state = "open";
         this.client.transport = message.transport; // the leader's, for `state` events
         return this.onframe(message.frame);
@@ -1037,6 +1036,7 @@ class Mux {
   }
 
   open(key) {
+    if (this.sessions.has(key)) return; // asked twice (a new leader came while it was asking)
     const tab = key.slice(0, key.lastIndexOf(":"));
     for (const other of [...this.sessions.values()]) if (other.tab === tab) this.drop(other.key); // replaced
     const session = { key, tab, welcomed: false, rooms: new Map() };
