@@ -6,6 +6,7 @@
 //
 //   TABS_URL      the server (its `/` is a blank page to load the client into)
 //   TABS_API_KEY  the publish API's bearer key
+//   TABS_PUSH_ONLY_URL  the same, taking no client frames over SSE
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -31,9 +32,9 @@ after(async () => {
 /** A tab in `context` with a shared-tabs client of `user` joined to `rooms`;
  * it records every frame its Switchboard is handed (`log.frames`), every
  * message per room, and its states. */
-async function tab(context, name, user, rooms, options = {}) {
+async function tab(context, name, user, rooms, options = {}, base = URL_) {
   const page = watch(await context.newPage(), name, errors);
-  await page.goto(URL_);
+  await page.goto(base);
   await page.evaluate(
     async ({ user, rooms, options }) => {
       const { Switchboard } = await import("/switchboard.js");
@@ -71,8 +72,8 @@ function allJoined(page) {
   );
 }
 
-async function publish(room, data) {
-  return JSON.parse(await post(new URL("api/publish", URL_), { room, data }, { authorization: `Bearer ${API_KEY}` }));
+async function publish(room, data, base = URL_) {
+  return JSON.parse(await post(new URL("api/publish", base), { room, data }, { authorization: `Bearer ${API_KEY}` }));
 }
 
 /** The server's open sessions, from its Prometheus metrics. */
@@ -276,3 +277,19 @@ async function handover(context, transport) {
   // after its idle timeout. WebSocket and SSE sessions end with the page.
   if (transport !== "longpoll") await eventually(async () => (await sessions()) === 1, { what: "one session again" });
 }
+
+test("a push-only SSE server cannot take the leader's joins: the shared connection moves on to long-poll", { timeout: 60_000 }, async () => {
+  const base = process.env.TABS_PUSH_ONLY_URL;
+  assert.ok(base, "set TABS_PUSH_ONLY_URL (examples/tests/jobs_browser.rs does)");
+  const context = await browser.newContext();
+  try {
+    const options = { transports: ["sse", "longpoll"] };
+    const tabs = [await tab(context, "push-a", "pia", ["pushed"], options, base), await tab(context, "push-b", "pia", ["pushed"], options, base)];
+    for (const page of tabs) await allJoined(page);
+    for (const page of tabs) assert.equal(await page.evaluate(() => window.sb.transport), "longpoll");
+    await publish("pushed", { n: 1 }, base);
+    for (const page of tabs) await received(page, "pushed", 1);
+  } finally {
+    await context.close();
+  }
+});

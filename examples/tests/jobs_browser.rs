@@ -32,7 +32,9 @@
 //! `tabs_share_one_connection_in_a_real_browser` runs `tabs.test.mjs`
 //! against the client test's kind of server (its `/metrics` counts
 //! sessions): three tabs with `shareTabs: true` on one session, each getting
-//! only its own rooms, and the leader tab closed while messages flow.
+//! only its own rooms, the leader tab closed while messages flow (over each
+//! transport), and a push-only SSE server making the leader move on to
+//! long-poll.
 //!
 //! Needs Chromium (`apt-get install -y chromium`, or `CHROMIUM_PATH`) and
 //! Node 20+ with npm; fails, saying what to install, when they are missing.
@@ -505,16 +507,22 @@ async fn tabs_share_one_connection_in_a_real_browser() {
     let _one = ONE_BROWSER.lock().await;
     browser::prepare().await;
     let (switchboard, server, addr) = client_server(RuntimeConfig::default());
+    let mut push_only_config = RuntimeConfig::default();
+    push_only_config.sse_client_frames = false;
+    let (push_only, push_only_server, push_only_addr) = client_server(push_only_config);
     browser::node_test(
         "tabs.test.mjs",
         &[
             ("TABS_URL", format!("http://{addr}/")),
+            ("TABS_PUSH_ONLY_URL", format!("http://{push_only_addr}/")),
             ("TABS_API_KEY", CLIENT_API_KEY.to_owned()),
         ],
         &screenshots("tabs-browser"),
         CLIENT_TEST_TIMEOUT,
     )
     .await;
-    switchboard.shutdown().await;
-    server.await.expect("server task");
+    for (switchboard, server) in [(switchboard, server), (push_only, push_only_server)] {
+        switchboard.shutdown().await;
+        server.await.expect("server task");
+    }
 }

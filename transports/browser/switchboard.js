@@ -979,6 +979,18 @@ class Upstream extends Switchboard {
     this.mux.fromServer(frame);
   }
 
+  /** Called when a push-only SSE stream is asked to join: its joins ride on
+   * its URL, but the tabs' rooms are not this client's. The next
+   * transport, else a reconnect after backoff (not a loop of reopenings). */
+  reconnectSoon() {
+    if (!this.conn) return;
+    if (this.level + 1 < this.transports.length) {
+      this.level += 1;
+      return super.reconnectSoon();
+    }
+    this.reconnect();
+  }
+
   sendFailed(frames, error) {
     super.sendFailed(frames, error); // its own (`refresh`)
     for (const frame of frames) if (frame && frame.id !== undefined) this.mux.failed(frame.id, error);
