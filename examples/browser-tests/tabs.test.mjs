@@ -10,7 +10,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { launch, watch, post, eventually } from "./harness.mjs";
+import { launch, watch, post, eventually, sessionCount } from "./harness.mjs";
 
 const URL_ = process.env.TABS_URL;
 const API_KEY = process.env.TABS_API_KEY;
@@ -76,12 +76,7 @@ async function publish(room, data, base = URL_) {
   return JSON.parse(await post(new URL("api/publish", base), { room, data }, { authorization: `Bearer ${API_KEY}` }));
 }
 
-/** The server's open sessions, from its Prometheus metrics. */
-async function sessions() {
-  const text = await (await fetch(new URL("metrics", URL_))).text();
-  const line = text.split("\n").find((l) => l.startsWith("switchboard_sessions "));
-  return Number(line.split(" ")[1]);
-}
+const sessions = () => sessionCount(URL_);
 
 function received(page, room, n) {
   return page.waitForFunction(({ room, n }) => (window.log.messages[room] || []).length >= n, { room, n }, { timeout: WAIT });

@@ -10,7 +10,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { launch, watch } from "./harness.mjs";
+import { launch, watch, sessionCount } from "./harness.mjs";
 
 const TOKEN_URL = process.env.TOKEN_URL;
 const WAIT = 15_000;
@@ -121,12 +121,6 @@ test("a refresh naming another user is refused; the session expires and reconnec
   await page.context().close();
 });
 
-/** The server's open sessions, from its Prometheus metrics. */
-async function sessions() {
-  const text = await (await fetch(new URL("metrics", TOKEN_URL))).text();
-  return Number(text.split("\n").find((l) => l.startsWith("switchboard_sessions ")).split(" ")[1]);
-}
-
 test("shareTabs: the leader refreshes the one shared session past exp; the tab taking over connects with a fresh token", async () => {
   const context = await browser.newContext();
   const pages = [];
@@ -148,7 +142,7 @@ test("shareTabs: the leader refreshes the one shared session past exp; the tab t
   }
   for (const page of pages)
     await page.waitForFunction(() => window.sb.state === "connected" && window.sb.rooms.get("clock").joined, null, { timeout: WAIT });
-  assert.equal(await sessions(), 1, "one session for both tabs");
+  assert.equal(await sessionCount(TOKEN_URL), 1, "one session for both tabs");
   await pastExpiry(pages[0]);
   for (const page of pages) {
     const seen = await log(page);

@@ -399,6 +399,13 @@ fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, Socket
     (switchboard, server, addr)
 }
 
+/// `client_server` taking no client frames over SSE (server push only).
+fn push_only_client_server() -> (Switchboard, JoinHandle<()>, SocketAddr) {
+    let mut config = RuntimeConfig::default();
+    config.sse_client_frames = false;
+    client_server(config)
+}
+
 async fn not_found() -> Result<String, warp::Rejection> {
     Err(warp::reject::not_found())
 }
@@ -436,9 +443,7 @@ async fn switchboard_js_in_a_real_browser() {
 
     let (switchboard, server, addr) = client_server(RuntimeConfig::default());
     let buffering = start_sse_buffering_proxy(addr).await;
-    let mut push_only_config = RuntimeConfig::default();
-    push_only_config.sse_client_frames = false;
-    let (push_only, push_only_server, push_only_addr) = client_server(push_only_config);
+    let (push_only, push_only_server, push_only_addr) = push_only_client_server();
 
     browser::node_test(
         "client.test.mjs",
@@ -507,9 +512,7 @@ async fn tabs_share_one_connection_in_a_real_browser() {
     let _one = ONE_BROWSER.lock().await;
     browser::prepare().await;
     let (switchboard, server, addr) = client_server(RuntimeConfig::default());
-    let mut push_only_config = RuntimeConfig::default();
-    push_only_config.sse_client_frames = false;
-    let (push_only, push_only_server, push_only_addr) = client_server(push_only_config);
+    let (push_only, push_only_server, push_only_addr) = push_only_client_server();
     browser::node_test(
         "tabs.test.mjs",
         &[
