@@ -288,3 +288,31 @@ test("a push-only SSE server cannot take the leader's joins: the shared connecti
     await context.close();
   }
 });
+
+test("the leader's page closes its client (sb.close()): the other tab takes over and the closed one hears nothing more", { timeout: 60_000 }, async () => {
+  const context = await browser.newContext();
+  try {
+    const tabs = [await tab(context, "quit-a", "quinn", ["quit"]), await tab(context, "quit-b", "quinn", ["quit"])];
+    for (const page of tabs) await allJoined(page);
+    const leaders = await Promise.all(tabs.map((p) => p.evaluate(() => window.sb.isLeader)));
+    const leader = tabs[leaders.indexOf(true)];
+    const other = tabs[leaders.indexOf(false)];
+    await publish("quit", { n: 1 });
+    for (const page of tabs) await received(page, "quit", 1);
+    // The server may still hold a closed page's long-poll session of an
+    // earlier test (until its idle timeout): counted relative to now.
+    const before = await sessions();
+    await leader.evaluate(() => window.sb.close());
+    await publish("quit", { n: 2 });
+    await received(other, "quit", 2);
+    assert.ok(await other.evaluate(() => window.sb.isLeader), "the other tab leads");
+    assert.deepEqual((await log(other)).messages.quit.map((m) => m.data.n), [1, 2]);
+    await publish("quit", { n: 3 });
+    await received(other, "quit", 3);
+    const closed = await leader.evaluate(() => ({ state: window.sb.state, leads: window.sb.isLeader, got: window.log.messages.quit.length }));
+    assert.deepEqual(closed, { state: "closed", leads: false, got: 1 });
+    await eventually(async () => (await sessions()) <= before, { what: "the closed leader's session to end (one session, the new leader's)" });
+  } finally {
+    await context.close();
+  }
+});
