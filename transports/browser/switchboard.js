@@ -36,6 +36,10 @@
 // it may or may not have reached the server), the code of the server's HTTP
 // error answer, `connection_lost` (the session ended before the answer),
 // `timeout` (no answer within `requestTimeoutMs`) or `not_connected`.
+//
+// With `shareTabs: true` the tabs of one origin and user share one
+// connection: a leader tab holds it, the others go through it (see "shared
+// tabs" below).
 
 const TRANSPORTS = ["websocket", "sse", "longpoll"];
 // Error codes of requests that fail for want of a connection, or for now: a
