@@ -1273,11 +1273,14 @@ class Mux {
     }
   }
 
-  /** A live message goes to every tab in the room; a replay (at or below
-   * what the real session has seen in this epoch, or before its first
+  /** A live message goes to every tab joined to the room; a replay (at or
+   * below what the real session has seen in this epoch, or before its first
    * `joined`) to the tab whose join asked for it: the server sends a join's
    * replay, then its `joined`, so it is the oldest join still unanswered.
-   * Each tab's Room drops what it already has by seq, as after any reconnect. */
+   * A tab whose join is on its way gets no live message: what was published
+   * before the server took its join is in its replay (after its `since`), as
+   * for a session of its own; one taken earlier would hide the replay's
+   * older messages behind it. Each tab's Room drops what it has by seq. */
   onMessage(frame) {
     const room = this.rooms.get(frame.room);
     if (!room) return;
@@ -1296,10 +1299,9 @@ class Mux {
       const publish = room.publishes.shift();
       if (!publish.echo) skip = publish.session;
     }
-    this.toKeys(
-      [...room.members.keys()].filter((key) => key !== skip),
-      frame,
-    );
+    const keys = [];
+    for (const [key, entry] of room.members) if (entry.state === "joined" && key !== skip) keys.push(key);
+    this.toKeys(keys, frame);
   }
 
   onJoined(frame) {
