@@ -62,6 +62,14 @@ export async function post(url, body, headers = {}) {
   return text;
 }
 
+/** The open sessions of the server at `base`, from its Prometheus `/metrics`. */
+export async function sessionCount(base) {
+  const text = await (await fetch(new URL("metrics", base))).text();
+  const line = text.split("\n").find((l) => l.startsWith("switchboard_sessions "));
+  assert.ok(line, "switchboard_sessions in /metrics");
+  return Number(line.split(" ")[1]);
+}
+
 /** Polls `check` (async, truthy when done) every `every` ms for up to `timeout` ms. */
 export async function eventually(check, { timeout = 10_000, every = 100, what = "condition" } = {}) {
   const deadline = Date.now() + timeout;

@@ -10,7 +10,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { launch, watch } from "./harness.mjs";
+import { launch, watch, sessionCount } from "./harness.mjs";
 
 const TOKEN_URL = process.env.TOKEN_URL;
 const WAIT = 15_000;
@@ -119,4 +119,44 @@ test("a refresh naming another user is refused; the session expires and reconnec
     "bob never took over; the reconnect used a fresh alice token",
   );
   await page.context().close();
+});
+
+test("shareTabs: the leader refreshes the one shared session past exp; the tab taking over connects with a fresh token", async () => {
+  const context = await browser.newContext();
+  const pages = [];
+  for (const name of ["share-a", "share-b"]) {
+    const page = watch(await context.newPage(), name, errors);
+    await page.goto(TOKEN_URL);
+    await page.evaluate(async () => {
+      const { Switchboard } = await import("/switchboard.js");
+      const token = async () => (await fetch("/token?user=alice&ttl=3")).text();
+      const log = (window.log = { welcomes: [], closes: [], errors: [], got: [] });
+      // Each tab its own token for the same user: they share by the JWT's `sub`.
+      const sb = (window.sb = new Switchboard({ token: await token(), getToken: token, shareTabs: true }));
+      sb.on("welcome", (frame) => log.welcomes.push(frame.sid));
+      sb.on("close", (frame) => log.closes.push(frame.reason));
+      sb.on("error", (error) => log.errors.push(error.code));
+      sb.join("clock", (data) => log.got.push(data));
+    });
+    pages.push(page);
+  }
+  for (const page of pages)
+    await page.waitForFunction(() => window.sb.state === "connected" && window.sb.rooms.get("clock").joined, null, { timeout: WAIT });
+  assert.equal(await sessionCount(TOKEN_URL), 1, "one session for both tabs");
+  await pastExpiry(pages[0]);
+  for (const page of pages) {
+    const seen = await log(page);
+    assert.deepEqual(seen.closes, [], "the shared session was refreshed, not closed");
+    assert.equal(seen.welcomes.length, 1, "never reconnected");
+  }
+  // The leader goes; the other's first token expired seconds ago.
+  const leader = (await pages[0].evaluate(() => window.sb.isLeader)) ? pages[0] : pages[1];
+  const other = pages.find((p) => p !== leader);
+  await leader.close();
+  await other.waitForFunction(() => window.log.welcomes.length === 2 && window.sb.state === "connected", null, { timeout: WAIT });
+  assert.ok(await other.evaluate(() => window.sb.isLeader), "the other tab leads");
+  await other.evaluate(() => window.sb.rooms.get("clock").publish({ after: "takeover" }));
+  await other.waitForFunction(() => window.log.got.some((d) => d.after === "takeover"), null, { timeout: WAIT });
+  assert.deepEqual((await log(other)).errors, []);
+  await context.close();
 });

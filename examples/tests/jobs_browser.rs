@@ -25,7 +25,16 @@
 //! `token.test.mjs` against a server taking JWTs: a session closed
 //! `token_expired` at `exp` without `getToken`, kept open past it with one
 //! (refreshed in band, no reconnect) over each transport, and a refresh
-//! naming another user refused.
+//! naming another user refused; and two tabs sharing one session
+//! (`shareTabs`), kept past `exp` by the leader's refresh, the other tab
+//! taking over with a fresh token.
+//!
+//! `tabs_share_one_connection_in_a_real_browser` runs `tabs.test.mjs`
+//! against the client test's kind of server (its `/metrics` counts
+//! sessions): three tabs with `shareTabs: true` on one session, each getting
+//! only its own rooms, the leader tab closed while messages flow (over each
+//! transport), and a push-only SSE server making the leader move on to
+//! long-poll.
 //!
 //! Needs Chromium (`apt-get install -y chromium`, or `CHROMIUM_PATH`) and
 //! Node 20+ with npm; fails, saying what to install, when they are missing.
@@ -406,6 +415,13 @@ fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, Socket
     (switchboard, server, addr)
 }
 
+/// `client_server` taking no client frames over SSE (server push only).
+fn push_only_client_server() -> (Switchboard, JoinHandle<()>, SocketAddr) {
+    let mut config = RuntimeConfig::default();
+    config.sse_client_frames = false;
+    client_server(config)
+}
+
 async fn not_found() -> Result<String, warp::Rejection> {
     Err(warp::reject::not_found())
 }
@@ -443,9 +459,7 @@ async fn switchboard_js_in_a_real_browser() {
 
     let (switchboard, server, addr) = client_server(RuntimeConfig::default());
     let buffering = start_sse_buffering_proxy(addr).await;
-    let mut push_only_config = RuntimeConfig::default();
-    push_only_config.sse_client_frames = false;
-    let (push_only, push_only_server, push_only_addr) = client_server(push_only_config);
+    let (push_only, push_only_server, push_only_addr) = push_only_client_server();
 
     browser::node_test(
         "client.test.mjs",
@@ -507,4 +521,27 @@ async fn expiring_tokens_are_refreshed_by_switchboard_js_in_a_real_browser() {
     .await;
     switchboard.shutdown().await;
     server.await.expect("server task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tabs_share_one_connection_in_a_real_browser() {
+    let _one = ONE_BROWSER.lock().await;
+    browser::prepare().await;
+    let (switchboard, server, addr) = client_server(RuntimeConfig::default());
+    let (push_only, push_only_server, push_only_addr) = push_only_client_server();
+    browser::node_test(
+        "tabs.test.mjs",
+        &[
+            ("TABS_URL", format!("http://{addr}/")),
+            ("TABS_PUSH_ONLY_URL", format!("http://{push_only_addr}/")),
+            ("TABS_API_KEY", CLIENT_API_KEY.to_owned()),
+        ],
+        &screenshots("tabs-browser"),
+        CLIENT_TEST_TIMEOUT,
+    )
+    .await;
+    for (switchboard, server) in [(switchboard, server), (push_only, push_only_server)] {
+        switchboard.shutdown().await;
+        server.await.expect("server task");
+    }
 }

@@ -38,6 +38,10 @@
 // it may or may not have reached the server), the code of the server's HTTP
 // error answer, `connection_lost` (the session ended before the answer),
 // `timeout` (no answer within `requestTimeoutMs`) or `not_connected`.
+//
+// With `shareTabs: true` the tabs of one origin and user share one
+// connection: a leader tab holds it, the others go through it (see "shared
+// tabs" below).
 
 const TRANSPORTS = ["websocket", "sse", "longpoll"];
 // Error codes of requests that fail for want of a connection, or for now: a
@@ -70,6 +74,8 @@ export class Switchboard {
    * @param {number} [options.requestTimeoutMs] how long a request may wait for its answer (0: forever)
    * @param {number} [options.maxSilentFailures] connections of one transport in a row that may go silent before the next transport is tried
    * @param {boolean} [options.autoConnect] connect now (default true)
+   * @param {boolean} [options.shareTabs] one connection for all tabs of this origin and user: a leader tab holds it, the others go through it (default false)
+   * @param {string} [options.shareKey] what tabs share a connection by, besides the origin and `url` (default: the token's `sub`, or the token)
    */
   constructor(options = {}) {
     this.url = new URL(options.url || "/", globalThis.location ? globalThis.location.href : undefined);
@@ -111,7 +117,15 @@ export class Switchboard {
     this.heartbeatTimer = null;
     this.reconnectTimer = null;
     this.upgradeTimer = null;
+    // Shared tabs: this tab's connection is a virtual one to the leader tab.
+    this.share = options.shareTabs && canShareTabs() ? new TabShare(this, options) : null;
+    if (this.share) this.transports = ["tabs"];
     if (options.autoConnect !== false) this.connect();
+  }
+
+  /** With `shareTabs`: whether this tab holds the shared connection. */
+  get isLeader() {
+    return !!(this.share && this.share.mux);
   }
 
   /** Subscribes to `state`, `direct`, `error`, `welcome` or `close` events. Returns an unsubscribe function. */
@@ -151,6 +165,8 @@ export class Switchboard {
     this.clearTimers();
     if (this.conn) this.conn.close();
     this.conn = null;
+    if (this.share) this.share.close();
+    this.share = null;
     this.failPending("closed");
     this.setState("closed");
   }
@@ -375,13 +391,16 @@ export class Switchboard {
     const conn = makeTransport(name, this);
     this.conn = conn;
     let welcomed = false;
-    const giveUp = this.later(() => {
-      if (!welcomed && this.conn === conn) {
-        conn.close();
-        this.conn = null;
-        this.tryLevel(level + 1); // connected but silent: try the next transport
-      }
-    }, this.connectTimeoutMs);
+    // A tab sharing a connection waits for its leader as long as it takes.
+    const giveUp = conn.patient
+      ? null
+      : this.later(() => {
+          if (!welcomed && this.conn === conn) {
+            conn.close();
+            this.conn = null;
+            this.tryLevel(level + 1); // connected but silent: try the next transport
+          }
+        }, this.connectTimeoutMs);
     conn.onframe = (frame) => {
       if (this.conn !== conn) return;
       if (frame.type === "welcome") {
@@ -580,15 +599,20 @@ export class Switchboard {
   }
 }
 
-/** Milliseconds until a JWT's `exp` (its payload is readable without the key), or null. */
-function jwtExpiresInMs(token) {
+/** A JWT's payload (readable without the key), or null. */
+function jwtPayload(token) {
   try {
     const payload = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const { exp } = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
-    return typeof exp === "number" ? exp * 1000 - Date.now() : null;
+    return JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
   } catch {
     return null;
   }
+}
+
+/** Milliseconds until a JWT's `exp`, or null. */
+function jwtExpiresInMs(token) {
+  const exp = jwtPayload(token)?.exp;
+  return typeof exp === "number" ? exp * 1000 - Date.now() : null;
 }
 
 /** A room this client is in. */
@@ -729,11 +753,666 @@ export class SwitchboardError extends Error {
   }
 }
 
+// ---- shared tabs (`shareTabs: true`) ------------------------------------------
+//
+// One connection for all the tabs of one origin and user. The tabs elect a
+// leader with a Web Lock (`navigator.locks`): the tab holding the lock is the
+// leader, the others queue for it, and the browser hands it to the next one
+// when the leader closes (or crashes). The leader runs the one real connection
+// (`Upstream`: a plain Switchboard, every transport with its fallback and
+// backoff) and a `Mux` in front of it; every tab, the leader's own included,
+// talks to the mux through a `TabTransport` over a BroadcastChannel, as if
+// the mux were the server: `welcome`, `joined`, `message`, `ack`, `error`...
+// So a tab's Switchboard is the same client as ever, its rooms, `since`,
+// dedupe by `seq`, requests and errors untouched, and a new leader is just a
+// reconnect: every tab rejoins its rooms with `since` from its own position,
+// so nothing is lost, and what two tabs' replays bring twice is dropped by
+// room and seq in each tab.
+//
+// Not a SharedWorker: it could not call the page's `getToken()` (a function
+// does not cross to a worker, so tokens could not be refreshed), its script
+// must be a file of the page's own origin (a client served by a Switchboard
+// server on another origin cannot start one, nor can a page under a
+// `worker-src` policy), and some browsers lack it (Chrome on Android).
+// BroadcastChannel and Web Locks are in every current browser and run the
+// same transport code in a tab. See docs/PROTOCOL.md ("Shared tabs").
+//
+// Channel messages (`k`): a tab's `open` (a virtual session), `frame` (a
+// client frame of that session) and `bye` go to the leader; the leader's
+// `welcome`, `srv` (server frames), `fail` (a request that could not be
+// sent) and `down` (the session ended) go to sessions named in `to`;
+// `leader` announces a new leader (every session ends and opens again).
+
+/** Whether this browser has what `shareTabs` needs. */
+function canShareTabs() {
+  return typeof BroadcastChannel === "function" && !!(globalThis.navigator && navigator.locks && navigator.locks.request);
+}
+
+/** The user a token names, for the share key: a JWT's `sub`, else the token
+ * itself (the trust authenticator's user name, or an opaque key). */
+function tokenSubject(token) {
+  if (typeof token !== "string" || !token) return "";
+  const sub = token.split(".").length === 3 ? jwtPayload(token)?.sub : undefined;
+  return typeof sub === "string" ? sub : token;
+}
+
+function randomId() {
+  if (globalThis.crypto && crypto.randomUUID) return crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+const ENCODER = new TextEncoder();
+
+/** One tab's part in sharing: its channel, its locks, its virtual
+ * connection, and the mux while it leads. */
+class TabShare {
+  constructor(client, options) {
+    this.client = client;
+    this.options = options;
+    const user = options.shareKey ?? tokenSubject(options.token);
+    this.name = `switchboard.js|${client.url.href}|${user}`;
+    this.tabId = randomId();
+    this.sessions = 0; // virtual sessions opened by this tab
+    this.conn = null; // this tab's TabTransport in use
+    this.mux = null; // while this tab leads
+    this.closed = false;
+    this.abort = new AbortController();
+    this.channel = new BroadcastChannel(this.name);
+    this.channel.onmessage = (event) => this.receive(event.data);
+    // This tab's own lock, held while it lives: the leader queues for it and
+    // so learns when the tab is gone, closed or crashed.
+    this.alive = new Promise((held) => {
+      navigator.locks
+        .request(`${this.name}|tab|${this.tabId}`, { signal: this.abort.signal }, () => {
+          held();
+          return new Promise((release) => (this.releaseTab = release));
+        })
+        .catch(() => {});
+    });
+    // Leadership: queue for the leader lock, and hold it until closed.
+    navigator.locks
+      .request(`${this.name}|leader`, { signal: this.abort.signal }, () => this.lead())
+      .catch(() => {});
+  }
+
+  /** This tab holds the leader lock: run the connection until closed. */
+  lead() {
+    if (this.closed) return undefined;
+    this.mux = new Mux(this);
+    this.post({ k: "leader", from: this.tabId });
+    if (this.conn) this.conn.leaderChanged();
+    return new Promise((release) => (this.releaseLeader = release));
+  }
+
+  transport() {
+    return new TabTransport(this);
+  }
+
+  /** What the leader's real connection is opened with: this tab's options,
+   * and its newest token (with getToken, a fresh one is fetched first). */
+  upstreamOptions() {
+    const token = this.client.getToken ? undefined : this.client.token;
+    return { ...this.options, url: this.client.url.href, token, shareTabs: false, autoConnect: true };
+  }
+
+  /** To the leader: this tab's mux, or the channel. */
+  toLeader(message) {
+    if (this.mux) {
+      const mux = this.mux;
+      queueMicrotask(() => mux.fromTab(message));
+    } else {
+      this.post(message);
+    }
+  }
+
+  /** From the leader to sessions: this tab's own directly, others over the channel. */
+  toSessions(keys, message) {
+    if (!keys.length) return;
+    message.to = keys;
+    const own = `${this.tabId}:`;
+    if (keys.some((key) => !key.startsWith(own))) this.post(message);
+    if (keys.some((key) => key.startsWith(own))) queueMicrotask(() => this.receive(message));
+  }
+
+  post(message) {
+    if (!this.closed) this.channel.postMessage(message);
+  }
+
+  receive(message) {
+    if (!message || this.closed) return;
+    if (message.to) {
+      if (this.conn && message.to.includes(this.conn.key)) this.conn.fromLeader(message);
+    } else if (message.k === "leader") {
+      if (this.conn) this.conn.leaderChanged();
+    } else if (this.mux) {
+      this.mux.fromTab(message);
+    }
+  }
+
+  /** Stops sharing: a leader ends its connection (every session is told),
+   * then hands the lock on. */
+  close() {
+    if (this.closed) return;
+    if (this.mux) this.mux.stop();
+    this.mux = null;
+    this.closed = true;
+    this.abort.abort();
+    if (this.releaseLeader) this.releaseLeader();
+    if (this.releaseTab) this.releaseTab();
+    this.channel.close();
+  }
+}
+
+/** A tab's connection to the leader's mux, seen by its Switchboard as a
+ * transport like WebSocket's: open(), send(), close(), onframe, onclose. */
+class TabTransport {
+  constructor(share) {
+    this.share = share;
+    this.client = share.client;
+    this.key = `${share.tabId}:${++share.sessions}`;
+    this.state = "new"; // opening | open | closed
+    this.joinedRooms = new Set(); // none ride on a URL
+    // Waits for the leader as long as it takes: no connect timeout, no
+    // fallback (the leader's connection has its own).
+    this.patient = true;
+  }
+
+  open() {
+    this.state = "opening";
+    this.share.conn = this;
+    this.share.alive.then(() => this.hello());
+  }
+
+  hello() {
+    if (this.state === "opening") this.share.toLeader({ k: "open", session: this.key });
+  }
+
+  /** A new leader: a session with the old one is over; an opening one asks the new one. */
+  leaderChanged() {
+    if (this.state === "opening") this.hello();
+    else if (this.state === "open") this.end({});
+  }
+
+  send(text, frame) {
+    if (this.state === "open") this.share.toLeader({ k: "frame", session: this.key, frame });
+    else this.client.sendFailed([frame], new SwitchboardError("connection_lost", "the leader tab is gone"));
+  }
+
+  fromLeader(message) {
+    if (this.state === "closed") return;
+    switch (message.k) {
+      case "welcome":
+        if (this.state !== "opening") return;
+        this.state = "open";
+        this.client.transport = message.transport; // the leader's, for `state` events
+        return this.onframe(message.frame);
+      case "srv":
+        if (this.state === "open") this.onframe(message.frame);
+        return;
+      case "fail": {
+        const error = new SwitchboardError(message.code, message.message);
+        if (message.status !== undefined) error.status = message.status;
+        return this.client.sendFailed([{ id: message.id }], error);
+      }
+      case "down":
+        return this.end({ fatal: message.fatal });
+      default:
+        return;
+    }
+  }
+
+  end(info) {
+    if (this.state === "closed") return;
+    this.state = "closed";
+    if (this.share.conn === this) this.share.conn = null;
+    this.onclose(info);
+  }
+
+  close() {
+    if (this.state === "closed") return;
+    this.state = "closed";
+    if (this.share.conn === this) this.share.conn = null;
+    this.share.toLeader({ k: "bye", session: this.key });
+  }
+}
+
+/** The leader's real connection: a Switchboard of its own, with no rooms,
+ * whose frames the mux routes. */
+class Upstream extends Switchboard {
+  constructor(mux, options) {
+    super({ ...options, autoConnect: false });
+    this.mux = mux;
+    this.connect();
+  }
+
+  handleFrame(frame) {
+    super.handleFrame(frame);
+    this.mux.fromServer(frame);
+  }
+
+  /** Called when a push-only SSE stream is asked to join: its joins ride on
+   * its URL, but the tabs' rooms are not this client's. The next
+   * transport, else a reconnect after backoff (not a loop of reopenings). */
+  reconnectSoon() {
+    if (!this.conn) return;
+    if (this.level + 1 < this.transports.length) {
+      this.level += 1;
+      return super.reconnectSoon();
+    }
+    this.reconnect();
+  }
+
+  sendFailed(frames, error) {
+    super.sendFailed(frames, error); // its own (`refresh`)
+    for (const frame of frames) if (frame && frame.id !== undefined) this.mux.failed(frame.id, error);
+  }
+}
+
+/** The leader's side: the tabs' virtual sessions over one real session.
+ * It joins the union of their rooms, counted per session, and routes each
+ * server frame to the sessions it is for. */
+class Mux {
+  constructor(share) {
+    this.share = share;
+    this.sessions = new Map(); // key -> {key, tab, welcomed, rooms: Map<room, Entry>}
+    // room -> {members: Map<key, Entry>, joined, seq, epoch, joins, lists, publishes}:
+    // `joined`/`seq`/`epoch` are the real session's; the FIFOs hold the ids
+    // of its joins and presence requests (answered by frames without an id,
+    // in order) and of its publishes (to tell whose echo a message is).
+    // An Entry is one session in a room: {state: pending|joined, presence}.
+    this.rooms = new Map();
+    this.requests = new Map(); // upstream id -> {session, id, kind, room, prev}
+    this.welcome = null;
+    this.watched = new Set();
+    this.abort = new AbortController();
+    this.upstream = new Upstream(this, share.upstreamOptions());
+    this.unwatch = this.upstream.on("state", ({ state }) => {
+      // Closed by itself: refused for good (authentication, policy).
+      if (state !== "connected") this.upstreamDown(state === "closed");
+    });
+  }
+
+  stop() {
+    this.abort.abort();
+    this.unwatch();
+    this.upstream.close();
+    this.upstreamDown(false, true);
+  }
+
+  // ---- from the tabs
+
+  fromTab(message) {
+    switch (message.k) {
+      case "open":
+        return this.open(message.session);
+      case "bye":
+        return this.drop(message.session);
+      case "frame": {
+        const session = this.sessions.get(message.session);
+        // Frames of a session this leader did not welcome belong to an old one.
+        if (session && session.welcomed && message.frame && typeof message.frame === "object") this.fromSession(session, message.frame);
+        return;
+      }
+      default:
+        return;
+    }
+  }
+
+  open(key) {
+    if (this.sessions.has(key)) return; // asked twice (a new leader came while it was asking)
+    const tab = key.slice(0, key.lastIndexOf(":"));
+    for (const other of [...this.sessions.values()]) if (other.tab === tab) this.drop(other.key); // replaced
+    const session = { key, tab, welcomed: false, rooms: new Map() };
+    this.sessions.set(key, session);
+    this.watch(tab);
+    if (this.upstream.stopped) return this.share.toSessions([key], { k: "down", fatal: true });
+    if (this.welcome) this.greet(session);
+  }
+
+  greet(session) {
+    session.welcomed = true;
+    this.share.toSessions([session.key], { k: "welcome", frame: this.welcome, transport: this.upstream.transport });
+  }
+
+  /** Ends a tab's sessions when its lock comes free: the tab is gone. */
+  watch(tab) {
+    if (tab === this.share.tabId || this.watched.has(tab)) return;
+    this.watched.add(tab);
+    navigator.locks
+      .request(`${this.share.name}|tab|${tab}`, { signal: this.abort.signal }, () => {
+        this.watched.delete(tab);
+        for (const session of [...this.sessions.values()]) if (session.tab === tab) this.drop(session.key);
+      })
+      .catch(() => {});
+  }
+
+  /** A session ended: its rooms are left, the real session's once no session is in them. */
+  drop(key) {
+    const session = this.sessions.get(key);
+    if (!session) return;
+    this.sessions.delete(key);
+    for (const name of session.rooms.keys()) {
+      const room = this.rooms.get(name);
+      if (room) {
+        room.members.delete(key);
+        this.leaveIfEmpty(name, room);
+      }
+    }
+  }
+
+  leaveIfEmpty(name, room) {
+    if (room.members.size) return;
+    // A join on its way: decide when its `joined` comes.
+    if (room.joined && !room.joins.length && this.welcome) {
+      room.joined = false;
+      room.seq = null;
+      this.forward(null, { type: "leave", room: name }, "internal", name);
+    }
+    if (!room.joined && !room.joins.length && !room.lists.length && !room.publishes.length) this.rooms.delete(name);
+  }
+
+  room(name) {
+    let room = this.rooms.get(name);
+    if (!room) {
+      room = { members: new Map(), joined: false, seq: null, epoch: null, joins: [], lists: [], publishes: [] };
+      this.rooms.set(name, room);
+    }
+    return room;
+  }
+
+  reply(session, frame) {
+    this.share.toSessions([session.key], { k: "srv", frame });
+  }
+
+  fromSession(session, frame) {
+    const max = this.welcome && this.welcome.limits && this.welcome.limits.max_frame_bytes;
+    if (max && ENCODER.encode(JSON.stringify(frame)).length > max) {
+      // Refused here as the server would, without an id: sent on, it would
+      // close the shared session (WebSocket 1009) under every tab.
+      return this.reply(session, { type: "error", code: "frame_too_large", message: `frame larger than ${max} bytes` });
+    }
+    const name = typeof frame.room === "string" ? frame.room : null;
+    const answer = frame.id !== undefined ? { type: "ack", id: frame.id } : null;
+    switch (frame.type) {
+      case "ping":
+        // The leader answers: the real session has its own heartbeat.
+        this.reply(session, { type: "pong" });
+        if (answer) this.reply(session, answer);
+        return;
+      case "pong":
+        return;
+      case "refresh":
+        // The shared session's token is the leader's (its getToken keeps it
+        // fresh); a follower's refresh only renews what it will lead with.
+        if (answer) this.reply(session, answer);
+        return;
+      case "join": {
+        if (name === null) break;
+        const prev = session.rooms.get(name);
+        const entry = { state: "pending", presence: frame.presence !== false };
+        const room = this.room(name);
+        session.rooms.set(name, entry);
+        room.members.set(session.key, entry);
+        const presence = [...room.members.values()].some((e) => e.presence);
+        const upId = this.forward(session, { ...frame, presence: presence ? undefined : false }, "join", name, prev);
+        if (upId !== null) room.joins.push(upId);
+        return;
+      }
+      case "leave":
+      case "presence": {
+        if (name === null) break;
+        const room = this.rooms.get(name);
+        const entry = session.rooms.get(name);
+        if (!entry && room && room.members.size) {
+          // The real session is in the room for other tabs, this one is not.
+          return this.reply(session, {
+            type: "error",
+            code: "not_joined",
+            message: "this session is not in that room",
+            room: name,
+            ...(frame.id !== undefined ? { id: frame.id } : {}),
+          });
+        }
+        if (frame.type === "presence") {
+          const upId = this.forward(session, frame, "presence", name);
+          if (upId !== null) this.room(name).lists.push(upId);
+          return;
+        }
+        if (entry) {
+          session.rooms.delete(name);
+          room.members.delete(session.key);
+          if (room.members.size || room.joins.length) {
+            // Others stay; or a join is on its way, whose `joined` leaves.
+            if (answer) this.reply(session, answer);
+            return;
+          }
+          // The last one out: the real session leaves, and the server answers.
+          room.joined = false;
+          room.seq = null;
+        }
+        this.forward(session, frame, "leave", name);
+        if (room) this.leaveIfEmpty(name, room);
+        return;
+      }
+      case "publish": {
+        if (name === null) break;
+        // Always echoed to the real session: the other tabs in the room are
+        // other sessions as far as the page knows, and get it; the mux keeps
+        // it from the publishing tab when it asked for `echo: false`.
+        const upId = this.forward(session, { ...frame, echo: undefined }, "publish", name);
+        if (upId !== null) this.room(name).publishes.push({ upId, session: session.key, echo: frame.echo !== false });
+        return;
+      }
+      default:
+        break;
+    }
+    this.forward(session, frame, frame.type, name);
+  }
+
+  /** Sends `frame` on the real session under an id of the mux; its answer
+   * goes back to `session` under the tab's own id. */
+  forward(session, frame, kind, room, prev) {
+    // The upstream's own counter: its own requests (`refresh`) share the ids.
+    const upId = this.upstream.nextId++;
+    this.requests.set(upId, { session: session && session.key, id: frame.id, kind, room, prev });
+    if (!this.upstream.send({ ...frame, id: upId })) {
+      this.failed(upId, new SwitchboardError("not_connected", "not connected"));
+      return null;
+    }
+    return upId;
+  }
+
+  // ---- from the server
+
+  fromServer(frame) {
+    switch (frame.type) {
+      case "welcome": {
+        if (this.welcome) this.upstreamDown(false); // a new session without a state change in between
+        this.welcome = frame;
+        for (const session of this.sessions.values()) if (!session.welcomed) this.greet(session);
+        return;
+      }
+      case "message":
+        return this.onMessage(frame);
+      case "joined":
+        return this.onJoined(frame);
+      case "presence": {
+        const room = this.rooms.get(frame.room);
+        if (!room) return;
+        if (frame.action === "list") {
+          const request = this.requests.get(room.lists.shift());
+          if (request && request.session) this.toKeys([request.session], frame);
+          return;
+        }
+        const keys = [...room.members].filter(([, e]) => e.state === "joined" && e.presence).map(([key]) => key);
+        return this.toKeys(keys, frame);
+      }
+      case "ack": {
+        const request = this.take(frame.id);
+        if (!request) return;
+        if (request.kind === "publish") {
+          // Not echoed (the real session is not in the room): no message will claim it.
+          const room = this.rooms.get(request.room);
+          if (room) {
+            room.publishes = room.publishes.filter((p) => p.upId !== frame.id);
+            this.leaveIfEmpty(request.room, room);
+          }
+        }
+        if (request.session && request.id !== undefined) this.toKeys([request.session], { ...frame, id: request.id });
+        return;
+      }
+      case "error": {
+        const request = frame.id !== undefined ? this.take(frame.id) : null;
+        if (request) {
+          this.undo(request, frame.id);
+          if (!request.session) return;
+          const { id, ...rest } = frame;
+          return this.toKeys([request.session], request.id !== undefined ? { ...rest, id: request.id } : rest);
+        }
+        return this.toKeys(this.welcomedKeys(), frame);
+      }
+      case "ping":
+      case "pong":
+        return; // the real session's heartbeat
+      default:
+        // `direct`, `close`, and frame types newer than this client.
+        return this.toKeys(this.welcomedKeys(), frame);
+    }
+  }
+
+  /** A live message goes to every tab joined to the room; a replay (at or
+   * below what the real session has seen in this epoch, or before its first
+   * `joined`) to the tab whose join asked for it: the server sends a join's
+   * replay, then its `joined`, so it is the oldest join still unanswered.
+   * A tab whose join is on its way gets no live message: what was published
+   * before the server took its join is in its replay (after its `since`), as
+   * for a session of its own; one taken earlier would hide the replay's
+   * older messages behind it. Each tab's Room drops what it has by seq. */
+  onMessage(frame) {
+    const room = this.rooms.get(frame.room);
+    if (!room) return;
+    const live = room.joined && (frame.epoch !== room.epoch || frame.seq > room.seq);
+    if (!live) {
+      const request = room.joins.length ? this.requests.get(room.joins[0]) : null;
+      if (request && room.members.has(request.session)) this.toKeys([request.session], frame);
+      return;
+    }
+    room.seq = frame.seq;
+    room.epoch = frame.epoch;
+    let skip = null;
+    if (frame.from && frame.from.sid === this.welcome.sid && room.publishes.length) {
+      // The server answers in order: our own live message is the echo of
+      // the oldest publish still unanswered.
+      const publish = room.publishes.shift();
+      if (!publish.echo) skip = publish.session;
+    }
+    const keys = [];
+    for (const [key, entry] of room.members) if (entry.state === "joined" && key !== skip) keys.push(key);
+    this.toKeys(keys, frame);
+  }
+
+  onJoined(frame) {
+    const name = frame.room;
+    const room = this.rooms.get(name);
+    if (!room) return;
+    room.joined = true;
+    if (room.epoch !== frame.epoch || room.seq === null || frame.seq > room.seq) room.seq = frame.seq;
+    room.epoch = frame.epoch;
+    const request = room.joins.length ? this.requests.get(room.joins.shift()) : null;
+    const settle = (entry) => (entry.state = "joined");
+    if (request) {
+      const session = this.sessions.get(request.session);
+      const entry = session && session.rooms.get(name);
+      if (entry) {
+        settle(entry);
+        this.toKeys([session.key], frame);
+      }
+    } else {
+      // Unasked (the room moved to a new epoch): for every session in it.
+      const keys = [];
+      for (const [key, entry] of room.members) {
+        if (entry.state !== "joined") continue;
+        settle(entry);
+        keys.push(key);
+      }
+      this.toKeys(keys, frame);
+    }
+    this.leaveIfEmpty(name, room);
+  }
+
+  take(id) {
+    const request = this.requests.get(id);
+    if (request) this.requests.delete(id);
+    return request;
+  }
+
+  /** A forwarded frame was refused or not sent: what the mux counted for it is undone. */
+  undo(request, upId) {
+    const room = request.room !== null && request.room !== undefined ? this.rooms.get(request.room) : null;
+    if (!room) return;
+    const without = (list) => list.filter((item) => (item.upId ?? item) !== upId);
+    if (request.kind === "join") {
+      room.joins = without(room.joins);
+      const session = this.sessions.get(request.session);
+      const entry = session && session.rooms.get(request.room);
+      if (session && entry && entry.state === "pending") {
+        if (request.prev) {
+          session.rooms.set(request.room, request.prev);
+          room.members.set(session.key, request.prev);
+        } else {
+          session.rooms.delete(request.room);
+          room.members.delete(session.key);
+        }
+      }
+    } else if (request.kind === "presence") {
+      room.lists = without(room.lists);
+    } else if (request.kind === "publish") {
+      room.publishes = without(room.publishes);
+    }
+    this.leaveIfEmpty(request.room, room);
+  }
+
+  /** The real connection could not send a forwarded frame. */
+  failed(upId, error) {
+    const request = this.take(upId);
+    if (!request) return;
+    this.undo(request, upId);
+    if (request.session && request.id !== undefined) {
+      this.share.toSessions([request.session], { k: "fail", id: request.id, code: error.code, message: error.message, status: error.status });
+    }
+  }
+
+  /** The real session ended: so does every tab's; they open again and are
+   * welcomed by the next one (with `since`, as after any reconnect). A
+   * connection refused for good (closed) ends them for good. */
+  upstreamDown(fatal, all = false) {
+    const keys = [];
+    for (const session of [...this.sessions.values()]) {
+      if (!session.welcomed && !fatal && !all) continue; // still waiting for a welcome: keeps waiting
+      keys.push(session.key);
+      this.sessions.delete(session.key);
+    }
+    this.welcome = null;
+    this.rooms.clear();
+    this.requests.clear();
+    this.share.toSessions(keys, { k: "down", fatal });
+  }
+
+  welcomedKeys() {
+    return [...this.sessions.values()].filter((s) => s.welcomed).map((s) => s.key);
+  }
+
+  toKeys(keys, frame) {
+    this.share.toSessions(keys, { k: "srv", frame });
+  }
+}
+
 // ---- transports --------------------------------------------------------------
 // Each has open(), send(text, frame), close(), and calls onframe(frame) /
 // onclose(info); a send that fails calls client.sendFailed([frame], error).
 
 function makeTransport(name, client) {
+  if (name === "tabs") return client.share.transport();
   if (name === "websocket") return new WebSocketTransport(client);
   if (name === "sse") return new SseTransport(client);
   return new LongPollTransport(client);
