@@ -25,13 +25,16 @@
 //!   moves to a new epoch, drawn once in Redis for every node.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use redis::{Client, Script};
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, Script};
 use switchboard_core::{Epoch, RoomName, Sid, UserId};
 use switchboard_runtime::async_trait;
 use switchboard_runtime::broker::{
@@ -44,8 +47,16 @@ use tokio::sync::{mpsc, OnceCell};
 const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
 /// A reaped room's history TTL when its own is not recorded (the policy default).
 const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
-/// How long one Redis command may take before it fails.
+/// How long one Redis command (or connection attempt) may take before it
+/// fails; a connection whose command timed out is dropped and made again.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the pub/sub connection is sent `PING`: a connection that does
+/// not answer within [`RESPONSE_TIMEOUT`] is taken for dead (a blackholed
+/// connection, which TCP alone notices late or never), dropped and made
+/// again, and the node catches up.
+const PUBSUB_PING: Duration = Duration::from_secs(1);
+/// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
+const SUBSCRIBE_BATCH: usize = 256;
 
 /// Keys of one room, in one hash slot (`{room}`).
 fn room_key(room: &str, what: &str) -> String {
@@ -238,7 +249,13 @@ struct Inner {
     client: Client,
     node: String,
     node_ttl: Duration,
-    commands: OnceCell<ConnectionManager>,
+    /// The command connection, while up.
+    link: Mutex<Option<Link>>,
+    /// A task is making the command connection again.
+    reconnecting: AtomicBool,
+    /// Tells links apart, so that a failure drops only the link it happened on.
+    links: AtomicU64,
+    started: OnceCell<()>,
     /// The subscription half of the pub/sub connection, while connected.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     /// Channels this node wants, re-subscribed after a reconnect.
@@ -257,7 +274,24 @@ impl RedisBroker {
     /// # Errors
     /// When the URL is not a Redis URL.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        let client = Client::open(url).map_err(err)?;
+        // TCP_NODELAY: a publish is one small write that must not wait for
+        // an ACK. Keepalive and TCP_USER_TIMEOUT make the kernel give up on
+        // a peer that stopped answering (dead host, NAT timeout) within
+        // seconds; the pub/sub PING and the command timeouts notice even
+        // what they cannot (a middlebox that keeps the socket open).
+        let keepalive = TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3);
+        let tcp = TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(keepalive)
+            .set_user_timeout(Duration::from_secs(8));
+        let info = url
+            .into_connection_info()
+            .map_err(err)?
+            .set_tcp_settings(tcp);
+        let client = Client::open(info).map_err(err)?;
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| BrokerError(format!("no randomness: {e}")))?;
         let node = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -266,7 +300,10 @@ impl RedisBroker {
                 client,
                 node,
                 node_ttl: DEFAULT_NODE_TTL,
-                commands: OnceCell::new(),
+                link: Mutex::new(None),
+                reconnecting: AtomicBool::new(false),
+                links: AtomicU64::new(0),
+                started: OnceCell::new(),
                 sink: tokio::sync::Mutex::new(None),
                 wanted: Mutex::new(HashSet::new()),
                 publish: Script::new(PUBLISH),
@@ -296,12 +333,108 @@ impl RedisBroker {
         &self.inner.node
     }
 
-    fn commands(&self) -> Result<ConnectionManager, BrokerError> {
-        self.inner
-            .commands
-            .get()
-            .cloned()
-            .ok_or_else(|| BrokerError("broker not started".into()))
+    /// Runs `f` on the command connection. Fails at once while the
+    /// connection is down (and starts making it again); a failure that may
+    /// have left the connection unusable (an I/O error, a timeout: a
+    /// blackholed connection) drops it, so the next call gets a new one.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(MultiplexedConnection, Arc<str>) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let link = self.link()?;
+        let result = f(link.con.clone(), Arc::clone(&link.run_id)).await;
+        if let Err(e) = &result {
+            if e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error() {
+                self.drop_link(link.id, e);
+            }
+        }
+        result.map_err(err)
+    }
+
+    fn link(&self) -> Result<Link, BrokerError> {
+        if self.inner.started.get().is_none() {
+            return Err(BrokerError("broker not started".into()));
+        }
+        let link = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        link.ok_or_else(|| {
+            self.reconnect();
+            BrokerError("not connected to Redis".into())
+        })
+    }
+
+    fn drop_link(&self, id: u64, e: &RedisError) {
+        let mut link = self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if link.as_ref().is_some_and(|l| l.id == id) {
+            tracing::warn!(error = %e, "dropping the Redis command connection");
+            *link = None;
+        }
+        drop(link);
+        self.reconnect();
+    }
+
+    /// Makes the command connection again in the background (one task at a
+    /// time), with backoff while Redis is away.
+    fn reconnect(&self) {
+        if self.inner.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match broker.connect_link().await {
+                    Ok(link) => {
+                        tracing::info!(run_id = %link.run_id, "Redis command connection up");
+                        *broker
+                            .inner
+                            .link
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner) = Some(link);
+                        break;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot reach Redis"),
+                }
+                tokio::time::sleep(backoff + jitter()).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            broker.inner.reconnecting.store(false, Ordering::Release);
+        });
+    }
+
+    /// A new command connection, and the run id of the Redis it reached.
+    async fn connect_link(&self) -> redis::RedisResult<Link> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let mut con = self
+            .inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut con)
+            .await?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(str::trim)
+            .unwrap_or_default();
+        Ok(Link {
+            con,
+            run_id: Arc::from(run_id),
+            id: self.inner.links.fetch_add(1, Ordering::Relaxed),
+        })
     }
 
     async fn room_state_script(
@@ -312,24 +445,26 @@ impl RedisBroker {
         history_ttl: Duration,
         resync: bool,
     ) -> Result<RoomState, BrokerError> {
-        let mut con = self.commands()?;
         let name = room.as_str();
         let since_seq = since.map_or(-1, |(seq, _)| i64::try_from(seq).unwrap_or(i64::MAX));
         let reply: Vec<redis::Value> = self
-            .inner
-            .room_state
-            .key(room_key(name, "seq"))
-            .key(room_key(name, "epoch"))
-            .key(room_key(name, "log"))
-            .key(room_key(name, "users"))
-            .arg(since_seq)
-            .arg(since.map_or("", |(_, epoch)| epoch))
-            .arg(new_epoch)
-            .arg(millis(history_ttl))
-            .arg(if resync { "1" } else { "0" })
-            .invoke_async(&mut con)
-            .await
-            .map_err(err)?;
+            .call(|mut con, run_id| async move {
+                self.inner
+                    .room_state
+                    .key(room_key(name, "seq"))
+                    .key(room_key(name, "epoch"))
+                    .key(room_key(name, "log"))
+                    .key(room_key(name, "users"))
+                    .arg(since_seq)
+                    .arg(since.map_or("", |(_, epoch)| epoch))
+                    .arg(new_epoch)
+                    .arg(millis(history_ttl))
+                    .arg(if resync { "1" } else { "0" })
+                    .arg(&*run_id)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
         parse_room_state(&reply, since)
     }
 
@@ -340,6 +475,20 @@ impl RedisBroker {
     fn node_alive_key(node: &str) -> String {
         format!("sb:node:{node}:alive")
     }
+}
+
+/// The command connection, and the run id of the Redis instance it reached:
+/// a TCP connection reaches one instance for its whole life, so the run id
+/// is exact for every script sent on it.
+#[derive(Clone)]
+struct Link {
+    con: MultiplexedConnection,
+    run_id: Arc<str>,
+    id: u64,
+}
+
+fn jitter() -> Duration {
+    Duration::from_millis(u64::from(rand_u8()) % 100)
 }
 
 fn err(e: redis::RedisError) -> BrokerError {
@@ -353,47 +502,43 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError> {
-        // No retries inside a command: with the default (6, backing off to
-        // `max_delay`) every command issued while Redis is away waited
-        // several seconds for the manager's reconnect attempts before it
-        // failed, and so did the session that sent it (its next frames, a
-        // `ping` included, wait for it). Now a command fails at once and
-        // starts one reconnect attempt; the node heartbeat's commands keep
-        // trying every `node_ttl / 3`, and the pub/sub loop has its own
-        // backoff.
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_number_of_retries(0)
-            .set_max_delay(Duration::from_secs(2));
-        let manager = ConnectionManager::new_with_config(self.inner.client.clone(), config)
-            .await
-            .map_err(err)?;
-        let _ = self.inner.commands.set(manager);
+        // The first connection is made here, so that a node that cannot
+        // reach Redis at start says so; after that, a command fails at once
+        // while the connection is down (a session's next frames, a `ping`
+        // included, wait for its answer) and a task makes it again.
+        let link = self.connect_link().await.map_err(err)?;
+        *self
+            .inner
+            .link
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(link);
+        let _ = self.inner.started.set(());
         tokio::spawn(run_pubsub(self.clone(), events));
         tokio::spawn(run_node_heartbeat(self.clone()));
         Ok(())
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError> {
-        let mut con = self.commands()?;
         let room = request.room.as_str();
         let (seq, epoch): (u64, String) = self
-            .inner
-            .publish
-            .key(room_key(room, "seq"))
-            .key(room_key(room, "epoch"))
-            .key(room_key(room, "log"))
-            .key(room_key(room, "users"))
-            .arg(room)
-            .arg(request.body)
-            .arg(request.exclude.map_or("", Sid::as_str))
-            .arg(request.history)
-            .arg(millis(request.history_ttl))
-            .arg(request.new_epoch)
-            .invoke_async(&mut con)
-            .await
-            .map_err(err)?;
+            .call(|mut con, run_id| async move {
+                self.inner
+                    .publish
+                    .key(room_key(room, "seq"))
+                    .key(room_key(room, "epoch"))
+                    .key(room_key(room, "log"))
+                    .key(room_key(room, "users"))
+                    .arg(room)
+                    .arg(request.body)
+                    .arg(request.exclude.map_or("", Sid::as_str))
+                    .arg(request.history)
+                    .arg(millis(request.history_ttl))
+                    .arg(request.new_epoch)
+                    .arg(&*run_id)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
         Ok((seq, Epoch::from(epoch)))
     }
 
@@ -456,7 +601,6 @@ impl Broker for RedisBroker {
     }
 
     async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError> {
-        let mut con = self.commands()?;
         let channel = match to {
             DirectTo::User(user) => channel_name(&Channel::User(user.clone())),
             DirectTo::Sid(sid) => channel_name(&Channel::Sid(sid.clone())),
@@ -464,50 +608,50 @@ impl Broker for RedisBroker {
         let mut payload = Vec::with_capacity(frame.len() + 2);
         payload.extend_from_slice(b"d|");
         payload.extend_from_slice(frame);
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query_async(&mut con)
+        let command = redis::cmd("PUBLISH").arg(channel).arg(payload).clone();
+        self.call(|mut con, _| async move { command.query_async(&mut con).await })
             .await
-            .map_err(err)
     }
 
     async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError> {
-        let mut con = self.commands()?;
         let name = update.room.as_str();
-        self.inner
-            .presence
-            .key(room_key(name, "users"))
-            .key(self.node_presence_key())
-            .key(room_key(name, "announce"))
-            .key(room_key(name, "ttl"))
-            .key(room_key(name, "seq"))
-            .key(room_key(name, "epoch"))
-            .key(room_key(name, "log"))
-            .arg(if update.present { "1" } else { "0" })
-            .arg(update.user.as_str())
-            .arg(name)
-            .arg(format!("{name}\n{}", update.user))
-            .arg(update.subject.as_str())
-            .arg(if update.announce { "1" } else { "0" })
-            .arg(if update.quiet { "1" } else { "0" })
-            .arg(millis(update.history_ttl))
-            .invoke_async(&mut con)
-            .await
-            .map_err(err)
+        let node_presence = self.node_presence_key();
+        let field = format!("{name}\n{}", update.user);
+        self.call(|mut con, _| async move {
+            self.inner
+                .presence
+                .key(room_key(name, "users"))
+                .key(node_presence)
+                .key(room_key(name, "announce"))
+                .key(room_key(name, "ttl"))
+                .key(room_key(name, "seq"))
+                .key(room_key(name, "epoch"))
+                .key(room_key(name, "log"))
+                .arg(if update.present { "1" } else { "0" })
+                .arg(update.user.as_str())
+                .arg(name)
+                .arg(field)
+                .arg(update.subject.as_str())
+                .arg(if update.announce { "1" } else { "0" })
+                .arg(if update.quiet { "1" } else { "0" })
+                .arg(millis(update.history_ttl))
+                .invoke_async(&mut con)
+                .await
+        })
+        .await
     }
 
     async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError> {
-        let mut con = self.commands()?;
-        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XREVRANGE")
+        let command = redis::cmd("XREVRANGE")
             .arg(room_key(room.as_str(), "log"))
             .arg("+")
             .arg("-")
             .arg("COUNT")
             .arg(limit)
-            .query_async(&mut con)
-            .await
-            .map_err(err)?;
+            .clone();
+        let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = self
+            .call(|mut con, _| async move { command.query_async(&mut con).await })
+            .await?;
         let mut frames: Vec<Bytes> = entries
             .into_iter()
             .filter_map(|(_, fields)| {
@@ -522,12 +666,12 @@ impl Broker for RedisBroker {
     }
 
     async fn presence_list(&self, room: &RoomName) -> Result<Vec<String>, BrokerError> {
-        let mut con = self.commands()?;
-        let mut users: Vec<String> = redis::cmd("HKEYS")
+        let command = redis::cmd("HKEYS")
             .arg(room_key(room.as_str(), "users"))
-            .query_async(&mut con)
-            .await
-            .map_err(err)?;
+            .clone();
+        let mut users: Vec<String> = self
+            .call(|mut con, _| async move { command.query_async(&mut con).await })
+            .await?;
         users.sort();
         Ok(users)
     }
@@ -622,8 +766,9 @@ fn split_once(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// Keeps a pub/sub connection up: subscribes to every wanted channel after
-/// each (re)connect, forwards messages in order, and backs off (with jitter)
-/// while Redis is away.
+/// each (re)connect (in batches), forwards messages in order, pings the
+/// connection to notice when it goes dead, and backs off (with jitter) while
+/// Redis is away.
 async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
     let mut backoff = Duration::from_millis(100);
     let mut connected_before = false;
@@ -631,31 +776,12 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
         if events.is_closed() {
             return;
         }
-        match broker.inner.client.get_async_pubsub().await {
-            Ok(pubsub) => {
-                let (mut sink, mut stream) = pubsub.split();
-                // Held from the snapshot of `wanted` until the sink is in
-                // place: a concurrent `subscribe` either is in the snapshot
-                // or runs on the new sink after this, never in between.
-                let mut current = broker.inner.sink.lock().await;
-                let wanted: Vec<String> = broker
-                    .inner
-                    .wanted
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .iter()
-                    .cloned()
-                    .collect();
-                let mut ok = true;
-                for channel in &wanted {
-                    if sink.subscribe(channel).await.is_err() {
-                        ok = false;
-                        break;
-                    }
-                }
-                if ok {
-                    *current = Some(sink);
-                    drop(current);
+        match tokio::time::timeout(RESPONSE_TIMEOUT, broker.inner.client.get_async_pubsub()).await {
+            Ok(Ok(pubsub)) => {
+                let (sink, mut stream) = pubsub.split();
+                if !subscribe_wanted(&broker, sink).await {
+                    tracing::warn!("could not subscribe again on a new Redis pub/sub connection");
+                } else {
                     backoff = Duration::from_millis(100);
                     if connected_before {
                         tracing::info!("reconnected to Redis");
@@ -664,24 +790,110 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
                         }
                     }
                     connected_before = true;
-                    while let Some(message) = stream.next().await {
-                        if let Some(event) =
-                            parse_event(message.get_channel_name(), message.get_payload_bytes())
-                        {
-                            if events.send(event).await.is_err() {
-                                return;
-                            }
-                        }
+                    if !forward(&broker, &mut stream, &events).await {
+                        return;
                     }
                     *broker.inner.sink.lock().await = None;
-                    tracing::warn!("lost the Redis pub/sub connection");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cannot reach Redis"),
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot reach Redis"),
+            Err(_) => tracing::debug!("connecting to Redis timed out"),
         }
-        let jitter = Duration::from_millis(u64::from(rand_u8()) % 100);
-        tokio::time::sleep(backoff + jitter).await;
+        tokio::time::sleep(backoff + jitter()).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Subscribes a new pub/sub connection to every wanted channel, then puts
+/// its sink in place; false when a `SUBSCRIBE` failed or timed out.
+async fn subscribe_wanted(broker: &RedisBroker, mut sink: PubSubSink) -> bool {
+    // Held from the snapshot of `wanted` until the sink is in place: a
+    // concurrent `subscribe` either is in the snapshot or runs on the new
+    // sink after this, never in between.
+    let mut current = broker.inner.sink.lock().await;
+    let wanted: Vec<String> = broker
+        .inner
+        .wanted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .cloned()
+        .collect();
+    // Batches: one round trip per few hundred channels, not per channel,
+    // so a node with many rooms is heard again quickly after a reconnect.
+    for batch in wanted.chunks(SUBSCRIBE_BATCH) {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(batch)).await {
+            Ok(Ok(())) => {}
+            _ => return false,
+        }
+    }
+    *current = Some(sink);
+    true
+}
+
+/// Forwards what the pub/sub connection hears until it is lost or stops
+/// answering `PING`; false when the runtime is gone.
+async fn forward(
+    broker: &RedisBroker,
+    stream: &mut redis::aio::PubSubStream,
+    events: &mpsc::Sender<BrokerEvent>,
+) -> bool {
+    let mut ping = tokio::time::interval(PUBSUB_PING);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The intake is bounded: when the runtime falls behind and the events
+    // queue is full, messages are dropped (not buffered without bound) and
+    // the node catches up from Redis once there is room again.
+    let mut overflowed = false;
+    loop {
+        tokio::select! {
+            message = stream.next() => {
+                let Some(message) = message else {
+                    tracing::warn!("lost the Redis pub/sub connection");
+                    return true;
+                };
+                let Some(event) = parse_event(message.get_channel_name(), message.get_payload_bytes())
+                else {
+                    continue;
+                };
+                if overflowed {
+                    match events.try_reserve() {
+                        Ok(permit) => {
+                            permit.send(BrokerEvent::Reconnected);
+                            overflowed = false;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(())) => return false,
+                        Err(mpsc::error::TrySendError::Full(())) => continue,
+                    }
+                }
+                match events.try_send(event) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        tracing::warn!("broker events queue full: dropping, then catching up");
+                        overflowed = true;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if overflowed && events.send(BrokerEvent::Reconnected).await.is_err() {
+                    return false;
+                }
+                overflowed = false;
+                let mut sink = broker.inner.sink.lock().await;
+                let answered = match sink.as_mut() {
+                    Some(sink) => matches!(
+                        tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await,
+                        Ok(Ok(_))
+                    ),
+                    None => false,
+                };
+                if !answered {
+                    tracing::warn!("the Redis pub/sub connection stopped answering PING; reconnecting");
+                    *sink = None;
+                    return true;
+                }
+            }
+        }
     }
 }
 
@@ -695,46 +907,57 @@ fn rand_u8() -> u8 {
 /// key expired.
 async fn run_node_heartbeat(broker: RedisBroker) {
     let mut tick = tokio::time::interval(broker.inner.node_ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Ok(mut con) = broker.commands() else {
-            return;
-        };
         let node = broker.inner.node.clone();
-        let alive: redis::RedisResult<()> = redis::pipe()
-            .cmd("SET")
-            .arg(RedisBroker::node_alive_key(&node))
-            .arg(1)
-            .arg("PX")
-            .arg(millis(broker.inner.node_ttl))
-            .ignore()
-            .cmd("SADD")
-            .arg("sb:nodes")
-            .arg(&node)
-            .ignore()
-            .query_async(&mut con)
+        let ttl = millis(broker.inner.node_ttl);
+        let alive = broker
+            .call(|mut con, _| {
+                let node = node.clone();
+                async move {
+                    redis::pipe()
+                        .cmd("SET")
+                        .arg(RedisBroker::node_alive_key(&node))
+                        .arg(1)
+                        .arg("PX")
+                        .arg(ttl)
+                        .ignore()
+                        .cmd("SADD")
+                        .arg("sb:nodes")
+                        .arg(&node)
+                        .ignore()
+                        .query_async::<()>(&mut con)
+                        .await
+                }
+            })
             .await;
         if alive.is_err() {
             continue;
         }
-        let nodes: Vec<String> = match redis::cmd("SMEMBERS")
-            .arg("sb:nodes")
-            .query_async(&mut con)
+        let Ok(nodes) = broker
+            .call(|mut con, _| async move {
+                redis::cmd("SMEMBERS")
+                    .arg("sb:nodes")
+                    .query_async::<Vec<String>>(&mut con)
+                    .await
+            })
             .await
-        {
-            Ok(nodes) => nodes,
-            Err(_) => continue,
+        else {
+            continue;
         };
+        let reap = &broker.inner.reap;
         for other in nodes.iter().filter(|n| **n != node) {
-            let reaped: redis::RedisResult<i64> = broker
-                .inner
-                .reap
-                .key(format!("sb:node:{other}:presence"))
-                .key(RedisBroker::node_alive_key(other))
-                .key("sb:nodes")
-                .arg(other)
-                .arg(millis(DEFAULT_HISTORY_TTL))
-                .invoke_async(&mut con)
+            let reaped = broker
+                .call(|mut con, _| async move {
+                    reap.key(format!("sb:node:{other}:presence"))
+                        .key(RedisBroker::node_alive_key(other))
+                        .key("sb:nodes")
+                        .arg(other)
+                        .arg(millis(DEFAULT_HISTORY_TTL))
+                        .invoke_async::<i64>(&mut con)
+                        .await
+                })
                 .await;
             if reaped == Ok(1) {
                 tracing::info!(node = %other, "removed the presence of a dead node");

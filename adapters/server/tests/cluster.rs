@@ -363,6 +363,81 @@ async fn ping_redis(port: u16) -> bool {
     stream.read_exact(&mut reply).await.is_ok() && &reply == b"+PONG\r\n"
 }
 
+/// A TCP proxy between a node and Redis that can *blackhole* the
+/// connections it carries: stop forwarding in both directions while keeping
+/// the sockets open, as a dead host or a NAT that forgot the connection
+/// does (unlike a killed process, whose connections are refused or reset at
+/// once). Connections made after [`Proxy::blackhole`] are forwarded again.
+/// Its tasks end with the test's runtime.
+struct Proxy {
+    port: u16,
+    /// Connections numbered below this are blackholed.
+    dead_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Proxy {
+    async fn start(to: u16) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let dead_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (dead, count) = (Arc::clone(&dead_below), Arc::clone(&next));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, to)).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (from, to) in [(client_read, server_write), (server_read, client_write)] {
+                    let dead = Arc::clone(&dead);
+                    tokio::spawn(async move {
+                        let (mut from, mut to) = (from, to);
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if id < dead.load(Ordering::SeqCst) {
+                                // Blackholed: swallow everything, close nothing.
+                                let _keep_open = (from, to);
+                                std::future::pending::<()>().await;
+                                return;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            dead_below,
+            next,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Every connection open now goes silent for good (its sockets stay open).
+    fn blackhole(&self) {
+        use std::sync::atomic::Ordering;
+        let open = self.next.load(Ordering::SeqCst);
+        self.dead_below.store(open, Ordering::SeqCst);
+    }
+}
+
 /// A `switchboard` node child (`--auth trust`, `--redis`); killed on drop.
 struct Node {
     name: String,
@@ -373,6 +448,11 @@ struct Node {
 
 impl Node {
     async fn start(test: &str, name: &str, redis: &Redis, extra: &[&str]) -> Self {
+        Self::start_with(test, name, &redis.url(), extra).await
+    }
+
+    /// As [`Node::start`], with the Redis at `url` (a [`Proxy`] in front of it).
+    async fn start_with(test: &str, name: &str, url: &str, extra: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let log = log_path(test, name);
@@ -380,7 +460,7 @@ impl Node {
             let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--auth", "trust", "--api-key", API_KEY])
-                .args(["--redis", &redis.url()])
+                .args(["--redis", url])
                 // The tests pipeline frames; the default 50/s would refuse them.
                 .args(["--rate-per-sec", "100000", "--rate-burst", "100000"])
                 .args(extra)
@@ -690,6 +770,19 @@ impl Client {
             let fence = message["data"]["fence"] == true;
             messages.push(message);
             if fence {
+                return messages;
+            }
+        }
+    }
+
+    /// The next `message` frames up to the one with seq `last`.
+    async fn messages_until_fence_or(&mut self, last: u64) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let message = self.next_message().await;
+            let done = seq(&message) >= last;
+            messages.push(message);
+            if done {
                 return messages;
             }
         }
@@ -2001,4 +2094,68 @@ async fn missed_messages(history: &str) {
     for node in [&mut a, &mut b, &mut c] {
         node.assert_running();
     }
+}
+
+/// Node a's connections to Redis (pub/sub and commands) are blackholed
+/// mid-stream while node b publishes on: node a notices within a bounded
+/// time (PING on its subscriber connection, command timeouts), connects
+/// again and catches up, so its member gets every message published
+/// meanwhile, once, in order; publishes through node a work again.
+#[test]
+fn a_blackholed_redis_connection_is_noticed_and_caught_up() {
+    run(async {
+        let test = "blackhole";
+        let redis = Redis::start(test).await;
+        let proxy = Proxy::start(redis.port).await;
+        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+
+        proxy.blackhole();
+        for i in 4..=8 {
+            api_publish(&b, "room", json!({"i": i})).await;
+        }
+        let heard = bob.messages_until_fence_or(8).await;
+        assert_consecutive("bob", &heard, 4);
+
+        // Node a publishes again once it has a live command connection.
+        within("a publish through node a to be accepted", async {
+            loop {
+                let (status, _) = http_post(
+                    a.port,
+                    "/api/publish",
+                    &json!({"room": "room", "data": {"from_a": true}}),
+                )
+                .await;
+                if status == 200 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        api_publish(&b, "room", json!({"fence": true})).await;
+        let messages = ann.messages_until_fence("room").await;
+        assert_consecutive("ann", &messages, 4);
+        assert!(
+            messages.iter().any(|m| m["data"]["from_a"] == true),
+            "ann: {messages:?}"
+        );
+        let resets: Vec<&Value> = ann
+            .pending
+            .iter()
+            .filter(|f| f["type"] == "joined")
+            .collect();
+        assert!(
+            resets.is_empty(),
+            "ann was caught up, not reset: {resets:?}"
+        );
+        ann.assert_no_more_messages().await;
+        a.assert_running();
+        b.assert_running();
+    });
 }
