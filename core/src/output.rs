@@ -171,11 +171,19 @@ pub enum CloseReason {
     FrameTooLarge,
     /// An internal error (1011, `internal_error`).
     Internal,
+    /// The client broke the WebSocket framing (RFC 6455): an unmasked frame,
+    /// reserved bits, an unknown opcode, a bad continuation, a fragmented or
+    /// oversize control frame, a malformed close frame (1002,
+    /// `protocol_error`).
+    ProtocolError,
+    /// A WebSocket text message, or a close frame's reason, that is not
+    /// UTF-8 (1007, `invalid_utf8`).
+    InvalidUtf8,
 }
 
 impl CloseReason {
     /// Every reason (handy for metrics).
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::Normal,
         Self::GoingAway,
         Self::Disconnected,
@@ -185,6 +193,8 @@ impl CloseReason {
         Self::Idle,
         Self::FrameTooLarge,
         Self::Internal,
+        Self::ProtocolError,
+        Self::InvalidUtf8,
     ];
 
     /// The WebSocket close code (PROTOCOL.md, Transports).
@@ -194,6 +204,8 @@ impl CloseReason {
             Self::Normal => 1000,
             Self::GoingAway | Self::HeartbeatTimeout | Self::Idle => 1001,
             Self::Disconnected | Self::TooManyErrors => 1008,
+            Self::ProtocolError => 1002,
+            Self::InvalidUtf8 => 1007,
             Self::FrameTooLarge => 1009,
             Self::Internal => 1011,
             Self::SlowConsumer => 1013,
@@ -214,6 +226,8 @@ impl CloseReason {
             Self::Idle => "idle",
             Self::FrameTooLarge => "frame_too_large",
             Self::Internal => "internal_error",
+            Self::ProtocolError => "protocol_error",
+            Self::InvalidUtf8 => "invalid_utf8",
         }
     }
 

@@ -2110,6 +2110,8 @@ fn every_error_code_and_close_reason_has_its_wire_name() {
             ("idle", 1001),
             ("frame_too_large", 1009),
             ("internal_error", 1011),
+            ("protocol_error", 1002),
+            ("invalid_utf8", 1007),
         ]
     );
 }

@@ -1,10 +1,10 @@
-//! The chat example: several rooms, presence, private messages, on the warp
-//! adapter.
+//! The chat example: several rooms, presence, private messages, on axum
+//! (`switchboard_axum`).
 //!
 //! The page (`examples/chat/`: `index.html`, `chat.js`, `chat.css`) is plain
 //! HTML, CSS and an ES module with no build step, embedded in the binary with
 //! `include_str!`. It talks to Switchboard through the project's browser
-//! client (`/switchboard.js`, mounted by `switchboard_warp::routes`), which
+//! client (`/switchboard.js`, mounted by `switchboard_axum::router`), which
 //! speaks the wire protocol: it answers `ping` with `pong`, reconnects with
 //! backoff and rejoins every room with `since` so nothing is lost.
 //!
@@ -29,10 +29,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use http::StatusCode;
 use switchboard_core::{Config, RoomName};
 use switchboard_runtime::{AllowOrigins, BuildError, Switchboard, TrustClientName};
-use warp::filters::BoxedFilter;
-use warp::Filter;
 
 /// The page.
 pub const INDEX_HTML: &str = include_str!("../chat/index.html");
@@ -79,83 +83,73 @@ pub fn switchboard() -> Result<Switchboard, BuildError> {
 }
 
 /// Every route of the chat: the page, its history endpoint and Switchboard's
-/// own routes.
-#[must_use]
-pub fn routes(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
-    let index = warp::path::end()
-        .and(warp::get())
-        .map(|| asset(INDEX_HTML, "text/html; charset=utf-8"));
-    let script = warp::path!("chat.js")
-        .and(warp::get())
-        .map(|| asset(CHAT_JS, "text/javascript; charset=utf-8"));
-    let style = warp::path!("chat.css")
-        .and(warp::get())
-        .map(|| asset(CHAT_CSS, "text/css; charset=utf-8"));
-    index
-        .or(script)
-        .unify()
-        .or(style)
-        .unify()
-        .or(history(switchboard))
-        .unify()
-        .or(switchboard_warp::routes(
+/// own routes (`switchboard_axum::router`).
+pub fn router(switchboard: &Switchboard) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { asset(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/chat.js",
+            get(|| async { asset(CHAT_JS, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/chat.css",
+            get(|| async { asset(CHAT_CSS, "text/css; charset=utf-8") }),
+        )
+        .route("/history", get(history))
+        .merge(switchboard_axum::router(
             switchboard,
-            switchboard_warp::Options::default(),
+            switchboard_axum::Options::default(),
         ))
-        .unify()
-        .boxed()
+        .with_state(switchboard.clone())
 }
 
 /// `GET /history?room=R`: `{"room": R, "messages": [message frames]}`, oldest
 /// first. Every chat room is public in this demo; an app with private rooms
 /// checks here that the caller may read the room, as its policy does for
 /// `join`.
-fn history(switchboard: &Switchboard) -> BoxedFilter<(warp::reply::Response,)> {
-    let sb = switchboard.clone();
-    warp::path!("history")
-        .and(warp::get())
-        .and(warp::query::<HashMap<String, String>>())
-        .then(move |query: HashMap<String, String>| {
-            let sb = sb.clone();
-            async move {
-                let room = query.get("room").map(String::as_str).unwrap_or_default();
-                if let Err(e) = RoomName::new(room) {
-                    let body = serde_json::json!({
-                        "error": {"code": "invalid_room", "message": e.to_string()}
-                    });
-                    return json(http::StatusCode::BAD_REQUEST, &body);
-                }
-                match sb.latest(room, HISTORY_LIMIT).await {
-                    Ok(messages) => json(
-                        http::StatusCode::OK,
-                        &serde_json::json!({ "room": room, "messages": messages }),
-                    ),
-                    // The cluster broker is unreachable: the page shows what
-                    // arrives live and tries again on its next (re)join.
-                    Err(e) => json(
-                        http::StatusCode::SERVICE_UNAVAILABLE,
-                        &serde_json::json!({
-                            "error": {"code": "unavailable", "message": e.to_string()}
-                        }),
-                    ),
-                }
-            }
-        })
-        .boxed()
+async fn history(
+    State(switchboard): State<Switchboard>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let room = query.get("room").map(String::as_str).unwrap_or_default();
+    if let Err(e) = RoomName::new(room) {
+        let body = serde_json::json!({
+            "error": {"code": "invalid_room", "message": e.to_string()}
+        });
+        return json(StatusCode::BAD_REQUEST, &body);
+    }
+    match switchboard.latest(room, HISTORY_LIMIT).await {
+        Ok(messages) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "room": room, "messages": messages }),
+        ),
+        // The cluster broker is unreachable: the page shows what arrives
+        // live and tries again on its next (re)join.
+        Err(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({
+                "error": {"code": "unavailable", "message": e.to_string()}
+            }),
+        ),
+    }
 }
 
 /// Serves the chat on `listener` until `switchboard.shutdown()` starts.
 pub async fn serve(listener: tokio::net::TcpListener, switchboard: Switchboard) {
     let stop = switchboard.shutdown_token();
-    warp::serve(routes(&switchboard))
-        .incoming(listener)
-        .graceful(async move { stop.cancelled().await })
-        .run()
+    let served = axum::serve(listener, router(&switchboard))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
+    if let Err(e) = served {
+        tracing::error!("the chat server stopped: {e}");
+    }
 }
 
-fn asset(body: &'static str, content_type: &'static str) -> warp::reply::Response {
-    let mut response = http::Response::new(bytes::Bytes::from_static(body.as_bytes()));
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
@@ -178,11 +172,11 @@ fn asset(body: &'static str, content_type: &'static str) -> warp::reply::Respons
         http::header::X_CONTENT_TYPE_OPTIONS,
         http::HeaderValue::from_static("nosniff"),
     );
-    response.map(Into::into)
+    response
 }
 
-fn json(status: http::StatusCode, body: &serde_json::Value) -> warp::reply::Response {
-    let mut response = http::Response::new(bytes::Bytes::from(body.to_string()));
+fn json(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut response = Response::new(Body::from(body.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -192,5 +186,5 @@ fn json(status: http::StatusCode, body: &serde_json::Value) -> warp::reply::Resp
         http::header::CACHE_CONTROL,
         http::HeaderValue::from_static("no-store"),
     );
-    response.map(Into::into)
+    response
 }

@@ -13,6 +13,13 @@
 //! with 1008 after an `error` frame saying why. tungstenite's default buffers
 //! (128 KiB each way) would cost a quarter of a megabyte per idle connection;
 //! [`websocket_config`] sizes them for many idle connections.
+//!
+//! A client that breaks the framing of RFC 6455 is closed with a close frame,
+//! never a bare TCP drop: 1007 for a text message (or close reason) that is
+//! not UTF-8, 1002 for any other violation (unmasked frame, reserved bits,
+//! unknown opcode, bad continuation, fragmented or oversize control frame,
+//! malformed close frame). The Autobahn|Testsuite cases check this framing
+//! (`tests/autobahn.rs`, through the test-only `echo` feature).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,8 +59,13 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// batch of queued frames go out in one write.
 #[must_use]
 pub fn websocket_config(switchboard: &Switchboard) -> WebSocketConfig {
-    let max_frame = switchboard.config().max_frame_bytes;
-    let max_outbound = switchboard.runtime_config().max_outbound_bytes;
+    framing_config(
+        switchboard.config().max_frame_bytes,
+        switchboard.runtime_config().max_outbound_bytes,
+    )
+}
+
+fn framing_config(max_frame: usize, max_outbound: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         // Frames are fed in a batch and flushed once: nothing is written
@@ -130,6 +142,17 @@ pub async fn handshake(
     switchboard: &Switchboard,
     parts: &http::request::Parts,
 ) -> Result<Accepted, Response<Empty<Bytes>>> {
+    Ok(Accepted {
+        accept: accept_key(parts)?,
+        admitted: switchboard.admit(parts).await,
+        switchboard: switchboard.clone(),
+    })
+}
+
+/// The `Sec-WebSocket-Accept` answering a valid handshake request, or the
+/// error response to a request that is none.
+#[allow(clippy::result_large_err)] // the error is the finished answer
+fn accept_key(parts: &http::request::Parts) -> Result<HeaderValue, Response<Empty<Bytes>>> {
     if !asks_for_upgrade(&parts.method, &parts.headers) {
         return Err(status(StatusCode::BAD_REQUEST));
     }
@@ -149,13 +172,18 @@ pub async fn handshake(
     let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
         return Err(status(StatusCode::BAD_REQUEST));
     };
-    let accept = HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
-        .map_err(|_| status(StatusCode::BAD_REQUEST))?;
-    Ok(Accepted {
-        accept,
-        admitted: switchboard.admit(parts).await,
-        switchboard: switchboard.clone(),
-    })
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+        .map_err(|_| status(StatusCode::BAD_REQUEST))
+}
+
+/// `101 Switching Protocols` with `accept` as `Sec-WebSocket-Accept`.
+fn switching_protocols(accept: HeaderValue) -> Response<Empty<Bytes>> {
+    let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
 }
 
 /// A checked WebSocket handshake (see [`handshake`]): the client is admitted
@@ -178,12 +206,7 @@ impl Accepted {
     /// The `101 Switching Protocols` answer to send.
     #[must_use]
     pub fn response(&self) -> Response<Empty<Bytes>> {
-        let mut response = status(StatusCode::SWITCHING_PROTOCOLS);
-        let headers = response.headers_mut();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept.clone());
-        response
+        switching_protocols(self.accept.clone())
     }
 
     /// Runs the session on the connection once the 101 has been sent, until
@@ -243,35 +266,28 @@ where
     loop {
         let drained = tokio::select! {
             drained = session.outbox().recv(&mut batch) => drained,
-            incoming = ws.next() => match incoming {
-                Some(Ok(Message::Text(frame))) => {
-                    session.handle_frame(frame.as_bytes()).await;
-                    continue;
-                }
-                Some(Ok(Message::Binary(frame))) => {
+            incoming = ws.next() => match Received::from(incoming) {
+                // Binary messages are read as text frames (PROTOCOL.md).
+                Received::Text(frame) | Received::Binary(frame) => {
                     session.handle_frame(&frame).await;
                     continue;
                 }
-                // tungstenite answers pings itself; pongs and raw frames carry nothing for us.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Close(_))) | None => {
+                Received::Control => continue,
+                Received::Closed => {
                     // Send tungstenite's queued close reply, then let the session go.
                     let _ = tokio::time::timeout(write_timeout, ws.flush()).await;
                     return;
                 }
-                Some(Err(tungstenite::Error::Capacity(_))) => {
-                    // Over max_frame_bytes: the core queues `close` (1009).
-                    // Write it now rather than on the next turn of the loop:
+                Received::Failed(reason) => {
+                    // The core queues `close` with the reason's code. Write
+                    // it now rather than on the next turn of the loop:
                     // tokio-tungstenite ends its stream after any error, so
                     // there `ws.next()` is ready at once with `None`, and
                     // whenever select! polled that branch first the
                     // connection was dropped without the close frame.
-                    session.close(CloseReason::FrameTooLarge);
+                    tracing::debug!(sid = %session.sid(), reason = reason.as_str(), "websocket client failed");
+                    session.close(reason);
                     session.outbox().recv(&mut batch).await
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(sid = %session.sid(), error = %e, "websocket read failed");
-                    return;
                 }
             },
         };
@@ -285,6 +301,56 @@ where
             let frame = close_frame(reason.code(), reason.as_str());
             Box::pin(close_and_linger(ws, frame, write_timeout)).await;
             return;
+        }
+    }
+}
+
+/// A client's next WebSocket read, as the session and the echo server both
+/// see it.
+enum Received {
+    /// A whole text message, checked UTF-8.
+    Text(Bytes),
+    /// A whole binary message.
+    Binary(Bytes),
+    /// A ping (tungstenite queued its pong) or a pong: nothing to do.
+    Control,
+    /// The client closed (tungstenite queued the close reply) or the
+    /// connection ended; nothing more can be read.
+    Closed,
+    /// The client broke the framing or a limit: the connection must be closed
+    /// with this reason's code, after a close frame.
+    Failed(CloseReason),
+}
+
+impl From<Option<Result<Message, tungstenite::Error>>> for Received {
+    fn from(read: Option<Result<Message, tungstenite::Error>>) -> Self {
+        use tungstenite::error::ProtocolError;
+        match read {
+            Some(Ok(Message::Text(text))) => Self::Text(text.into()),
+            Some(Ok(Message::Binary(data))) => Self::Binary(data),
+            // Raw frames are only produced when writing, never read.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Self::Control,
+            // A close with a code no endpoint may send (RFC 6455 §7.4) is
+            // answered by tungstenite itself with 1002.
+            Some(Ok(Message::Close(_))) | None => Self::Closed,
+            // Over max_frame_bytes (a frame, or a message's fragments).
+            Some(Err(tungstenite::Error::Capacity(_))) => Self::Failed(CloseReason::FrameTooLarge),
+            // A text message, checked fragment by fragment, or a close
+            // reason that is not UTF-8 (RFC 6455 §8.1).
+            Some(Err(tungstenite::Error::Utf8(_))) => Self::Failed(CloseReason::InvalidUtf8),
+            // The peer is gone without a close: nobody would read one.
+            Some(Err(tungstenite::Error::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake,
+            ))) => Self::Closed,
+            // Every other violation of the framing (RFC 6455 §5, §7.1.7).
+            Some(Err(tungstenite::Error::Protocol(e))) => {
+                tracing::debug!(error = %e, "websocket protocol violation");
+                Self::Failed(CloseReason::ProtocolError)
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket read failed");
+                Self::Closed
+            }
         }
     }
 }
@@ -362,18 +428,36 @@ where
         buffer.extend_from_slice(frame);
     }
     batch.clear();
-    ws.flush().await?;
-    ws.get_mut().write_all(&buffer).await?;
-    ws.get_mut().flush().await?;
+    write_raw(ws, &buffer).await?;
     session.count_written(buffer.len());
     Ok(())
 }
 
+/// Writes whole encoded frames straight to the socket, after what tungstenite
+/// had queued (a pong, a close reply).
+async fn write_raw<S>(ws: &mut WebSocketStream<S>, frames: &[u8]) -> Result<(), tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.flush().await?;
+    ws.get_mut().write_all(frames).await?;
+    ws.get_mut().flush().await?;
+    Ok(())
+}
+
+/// The opcode of a text frame (RFC 6455 §5.2).
+const OPCODE_TEXT: u8 = 0x1;
+
 /// One unfragmented, unmasked text frame (RFC 6455 §5.2) carrying `payload`.
 fn encode_text_frame(payload: &[u8]) -> Bytes {
+    encode_frame(OPCODE_TEXT, payload)
+}
+
+/// One unfragmented, unmasked data frame of `opcode` carrying `payload`.
+fn encode_frame(opcode: u8, payload: &[u8]) -> Bytes {
     let len = payload.len();
     let mut frame = Vec::with_capacity(len + 10);
-    frame.push(0x81); // FIN + text
+    frame.push(0x80 | opcode); // FIN
     match len {
         0..=125 => frame.push(len as u8),
         126..=0xFFFF => {
@@ -403,6 +487,9 @@ fn close_frame(code: u16, reason: &str) -> CloseFrame {
         reason: reason.to_owned().into(),
     }
 }
+
+#[cfg(feature = "echo")]
+pub mod echo;
 
 /// Binds a TCP listener with a large accept backlog ([`LISTEN_BACKLOG`]),
 /// whose connections have `TCP_NODELAY` set.

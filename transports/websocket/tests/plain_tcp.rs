@@ -292,3 +292,161 @@ async fn bind_gives_accepted_sockets_nodelay() {
     .await;
     assert!(accepted.nodelay().expect("read TCP_NODELAY"));
 }
+
+/// One client frame as raw bytes: `head` is the first byte (FIN, RSV, opcode);
+/// masked with a fixed key unless `masked` is false.
+fn raw_frame(head: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![head];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => frame.push(mask_bit | len as u8),
+        len => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&u16::try_from(len).expect("short test frames").to_be_bytes());
+        }
+    }
+    if masked {
+        frame.extend_from_slice(&KEY);
+        frame.extend(payload.iter().zip(KEY.iter().cycle()).map(|(b, k)| b ^ k));
+    } else {
+        frame.extend_from_slice(payload);
+    }
+    frame
+}
+
+/// Writes bytes on the client's socket as they are, past tungstenite's checks.
+async fn send_raw(ws: &mut Ws, bytes: &[u8]) {
+    let MaybeTlsStream::Plain(stream) = ws.get_mut() else {
+        panic!("a plain TCP connection");
+    };
+    within(stream.write_all(bytes)).await.expect("raw write");
+}
+
+#[tokio::test]
+async fn serve_closes_framing_violations_with_1002_and_invalid_utf8_with_1007() {
+    let ping = br#"{"type":"ping"}"#;
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "unmasked frame",
+            raw_frame(0x81, ping, false),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "reserved bit",
+            raw_frame(0xC1, ping, true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "unknown data opcode",
+            raw_frame(0x83, ping, true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "unknown control opcode",
+            raw_frame(0x8B, b"", true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "continuation with nothing to continue",
+            raw_frame(0x80, ping, true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "new message inside a fragmented one",
+            [raw_frame(0x01, b"{", true), raw_frame(0x81, ping, true)].concat(),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "fragmented ping",
+            raw_frame(0x09, b"x", true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "ping over 125 bytes",
+            raw_frame(0x89, &[b'p'; 126], true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "close with a 1-byte payload",
+            raw_frame(0x88, &[3], true),
+            1002,
+            "protocol_error",
+        ),
+        (
+            "invalid UTF-8 text",
+            raw_frame(0x81, b"{\"a\":\"\xff\"}", true),
+            1007,
+            "invalid_utf8",
+        ),
+        (
+            "invalid UTF-8 across fragments",
+            // The first fragment ends inside a valid 2-byte sequence; the
+            // second does not complete it.
+            [
+                raw_frame(0x01, b"{\"a\":\"\xce", true),
+                raw_frame(0x80, b"\xff\"}", true),
+            ]
+            .concat(),
+            1007,
+            "invalid_utf8",
+        ),
+        (
+            // Failed at the first fragment, while the message is unfinished.
+            "invalid UTF-8 in a first fragment",
+            raw_frame(0x01, b"{\"a\":\"\xff", true),
+            1007,
+            "invalid_utf8",
+        ),
+        (
+            "close reason not UTF-8",
+            raw_frame(0x88, b"\x03\xe8\xff", true),
+            1007,
+            "invalid_utf8",
+        ),
+    ];
+    let server = Server::start(Config::default()).await;
+    for (what, bytes, code, reason) in &cases {
+        let mut ws = connect(server.addr, "/").await;
+        assert_eq!(recv(&mut ws).await["type"], "welcome", "{what}");
+        send_raw(&mut ws, bytes).await;
+        expect_close(&mut ws, *code, reason).await;
+    }
+    let closes = server.switchboard.metrics().closes;
+    let count = |reason: &str| {
+        closes
+            .iter()
+            .find(|(r, _)| r.as_str() == reason)
+            .map_or(0, |(_, n)| *n)
+    };
+    assert_eq!(count("protocol_error"), 9);
+    assert_eq!(count("invalid_utf8"), 4);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn serve_answers_a_close_code_no_endpoint_may_send_with_1002() {
+    let server = Server::start(Config::default()).await;
+    for code in [0u16, 999, 1004, 1005, 1006, 1014, 1015, 1016, 2999, 5000] {
+        let mut ws = connect(server.addr, "/").await;
+        assert_eq!(recv(&mut ws).await["type"], "welcome");
+        send_raw(&mut ws, &raw_frame(0x88, &code.to_be_bytes(), true)).await;
+        // The client closed first: the reply is the close, no `close` frame.
+        match within(ws.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1002, "after close code {code}");
+            }
+            other => panic!("expected a close with 1002 after code {code}, got {other:?}"),
+        }
+        within(async { while ws.next().await.is_some() {} }).await;
+    }
+    server.stop().await;
+}
