@@ -448,7 +448,7 @@ impl Hub {
         self.room_index
             .get(room.as_str())
             .and_then(|rid| self.rooms.get(*rid))
-            .map_or_else(|| self.policy.room_options(room), |r| r.options)
+            .map_or_else(|| self.policy.room_options(room), |r| r.options.clone())
     }
 
     // ---- completions ----------------------------------------------------
@@ -462,7 +462,11 @@ impl Hub {
         match result {
             Ok(()) => {
                 if let Some(id) = &reply.id {
-                    let ack = ServerFrame::Ack { id }.encode();
+                    let ack = ServerFrame::Ack {
+                        id,
+                        expires_in_ms: None,
+                    }
+                    .encode();
                     self.deliver(Recipients::one(key), ack, FrameKind::Ack);
                 }
             }
@@ -537,6 +541,7 @@ impl Hub {
             epoch: sync.epoch.as_str(),
             recovered,
             members: r.options.presence.then_some(sync.users),
+            latest: false,
         }
         .encode();
         let kind = FrameKind::Joined {
@@ -809,6 +814,7 @@ impl Hub {
             epoch: r.epoch.as_str(),
             recovered: Some(false),
             members,
+            latest: false,
         }
         .encode();
         let kind = FrameKind::Joined {

@@ -81,6 +81,12 @@ pub enum ClientFrame<'a> {
         /// The room.
         room: RoomName,
     },
+    /// Replaces the session's credential with a fresh one before the old one
+    /// expires; the caller's authenticator checks it ([`Output::Refresh`](crate::Output::Refresh)).
+    Refresh {
+        /// The new credential, as the client sent it (not empty).
+        token: Cow<'a, str>,
+    },
 }
 
 impl ClientFrame<'_> {
@@ -95,6 +101,7 @@ impl ClientFrame<'_> {
             Self::Ping => "ping",
             Self::Pong => "pong",
             Self::Presence { .. } => "presence",
+            Self::Refresh { .. } => "refresh",
         }
     }
 }
@@ -165,6 +172,8 @@ struct RawFrame<'a> {
     echo: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     to: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// `Option<&RawValue>` would read `null` as absent; `data: null` is present.
@@ -296,6 +305,17 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
         }
         "ping" => ClientFrame::Ping,
         "pong" => ClientFrame::Pong,
+        "refresh" => {
+            let raw_token = raw.token.ok_or_else(|| with_id(missing("token")))?;
+            let Str(token) = field(raw_token, "token", "a string").map_err(with_id)?;
+            if token.is_empty() {
+                return Err(with_id(DecodeError::new(
+                    ErrorCode::InvalidFrame,
+                    "field `token` is empty",
+                )));
+            }
+            ClientFrame::Refresh { token }
+        }
         _ => {
             return Err(with_id(DecodeError::new(
                 ErrorCode::UnknownType,
@@ -604,6 +624,11 @@ pub struct LimitsInfo {
     pub rate_per_sec: u32,
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 /// `presence.action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -630,6 +655,10 @@ pub enum ServerFrame<'a> {
         limits: LimitsInfo,
         #[serde(skip_serializing_if = "Option::is_none")]
         user: Option<&'a str>,
+        /// Milliseconds until the session's credential expires and the
+        /// session is closed `token_expired`, unless a `refresh` comes first.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_in_ms: Option<u64>,
     },
     Joined {
         room: &'a str,
@@ -639,6 +668,9 @@ pub enum ServerFrame<'a> {
         recovered: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
         members: Option<usize>,
+        /// A latest-value room: gaps in `seq` are expected (sent only when true).
+        #[serde(skip_serializing_if = "is_false")]
+        latest: bool,
     },
     Message {
         room: &'a str,
@@ -667,6 +699,9 @@ pub enum ServerFrame<'a> {
     },
     Ack {
         id: &'a RawValue,
+        /// On the `ack` of a `refresh`: the new credential's time left, as in `welcome`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_in_ms: Option<u64>,
     },
     Error {
         code: ErrorCode,
@@ -781,6 +816,8 @@ mod tests {
         ));
         let r = decode_client(br#"{"type":"presence","room":"a","id":"q"}"#).unwrap();
         assert!(matches!(r.frame, ClientFrame::Presence { .. }));
+        let r = decode_client(br#"{"type":"refresh","token":"a.b\/c","id":2}"#).unwrap();
+        assert!(matches!(r.frame, ClientFrame::Refresh { ref token } if token == "a.b/c"));
     }
 
     #[test]
@@ -882,6 +919,15 @@ mod tests {
         assert_eq!(code(&long_id), ErrorCode::InvalidFrame);
         assert_eq!(
             code(r#"{"type":"ping","type":"pong"}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(code(r#"{"type":"refresh"}"#), ErrorCode::InvalidFrame);
+        assert_eq!(
+            code(r#"{"type":"refresh","token":7}"#),
+            ErrorCode::InvalidFrame
+        );
+        assert_eq!(
+            code(r#"{"type":"refresh","token":""}"#),
             ErrorCode::InvalidFrame
         );
     }

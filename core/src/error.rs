@@ -104,7 +104,11 @@ pub struct FrameError {
 }
 
 impl FrameError {
-    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    /// A refusal with the protocol's `code` and a message for humans: what a
+    /// caller reports when it completes a frame the hub handed out (a
+    /// `refresh` whose token its authenticator refused).
+    #[must_use]
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),

@@ -16,7 +16,7 @@ use crate::error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
 use crate::ids::{Epoch, RoomId, RoomName, SessionKey, Sid, UserId};
-use crate::output::{CloseReason, Delivery, FrameKind, Output, Recipients};
+use crate::output::{CloseReason, Delivery, FrameKind, LatestKey, Output, Recipients};
 use crate::policy::{Identity, Policy, PublishRule};
 use crate::room::Room;
 use crate::session::{Liveness, Session};
@@ -94,7 +94,8 @@ pub struct Hub {
     pub(crate) ping_frame: Bytes,
     pub(crate) pong_frame: Bytes,
     pub(crate) stats: Stats,
-    /// Set by a handler whose answer waits for the broker (no `ack` yet).
+    /// Set by a handler whose answer waits for the caller (the broker, or
+    /// the authenticator for a `refresh`): no `ack` yet.
     pub(crate) deferred: bool,
     /// Set while [`Hub::close_all`] runs: no presence leaves are announced.
     closing_all: bool,
@@ -319,6 +320,9 @@ impl Hub {
                 rate_per_sec: self.config.rate_per_sec,
             },
             user: Some(identity.user.as_str()),
+            expires_in_ms: identity
+                .expires_at
+                .map(|at| crate::credentials::millis_until(now, at)),
         }
         .encode();
         let session = Session::new(
@@ -427,6 +431,7 @@ impl Hub {
             }
             ClientFrame::Pong => Ok(()),
             ClientFrame::Presence { room } => self.presence_list(session, &room, request.id),
+            ClientFrame::Refresh { token } => self.request_refresh(session, &token, request.id),
         };
         match applied {
             Ok(()) => {
@@ -438,7 +443,11 @@ impl Hub {
                 // A broker-mode answer comes with `reply`/`complete_*`.
                 let deferred = std::mem::take(&mut self.deferred);
                 if let Some(id) = request.id.filter(|_| !deferred) {
-                    let ack = ServerFrame::Ack { id }.encode();
+                    let ack = ServerFrame::Ack {
+                        id,
+                        expires_in_ms: None,
+                    }
+                    .encode();
                     self.deliver(Recipients::one(session), ack, FrameKind::Ack);
                 }
                 Ok(())
@@ -482,7 +491,7 @@ impl Hub {
     }
 
     /// Advances timers to `now`: heartbeat pings and timeouts, idle detached
-    /// sessions, expired room history.
+    /// sessions, expired credentials, expired room history.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         while let Some((deadline, target)) = self.timers.pop_due(now) {
             match target {
@@ -633,7 +642,20 @@ impl Hub {
         }
         let r = &self.rooms[id];
         let mut recovered = None;
-        if let Some(since) = since {
+        if r.options.latest.is_some() {
+            // A latest-value room replays its state even without `since`.
+            let (replay, answer) = r.latest_replay(since.as_ref().map(|s| (s.seq, &*s.epoch)));
+            recovered = answer;
+            let (name, epoch) = (r.name.clone(), r.epoch.clone());
+            for (seq, frame, latest) in replay {
+                let kind = FrameKind::Message {
+                    room: name.clone(),
+                    seq,
+                    epoch: epoch.clone(),
+                };
+                self.deliver_latest(Recipients::one(key), frame, kind, latest);
+            }
+        } else if let Some(since) = since {
             let replay: Option<Vec<Bytes>> = r
                 .recover(since.seq, &since.epoch)
                 .map(|m| m.cloned().collect());
@@ -661,6 +683,7 @@ impl Hub {
             epoch: r.epoch.as_str(),
             recovered,
             members: r.options.presence.then_some(r.users.len()),
+            latest: r.options.latest.is_some(),
         }
         .encode();
         let kind = FrameKind::Joined {
@@ -874,7 +897,7 @@ impl Hub {
         }
         r.seq = seq;
         r.last_activity = now;
-        r.remember(seq, frame.clone());
+        let latest = r.remember_message(seq, frame.clone(), event);
         let recipients = r.members_except(except);
         let kind = FrameKind::Message {
             room: r.name.clone(),
@@ -887,19 +910,35 @@ impl Hub {
             delivered: recipients.len(),
         };
         self.stats.messages += 1;
-        self.deliver(recipients, frame, kind);
+        self.deliver_latest(recipients, frame, kind, latest);
         self.dispose_room_if_unused(now, id);
         Some(published)
     }
 
     pub(crate) fn deliver(&mut self, to: Recipients, frame: Bytes, kind: FrameKind) {
+        self.deliver_latest(to, frame, kind, None);
+    }
+
+    /// [`Hub::deliver`] for a latest-value message that supersedes queued
+    /// ones with the same key.
+    fn deliver_latest(
+        &mut self,
+        to: Recipients,
+        frame: Bytes,
+        kind: FrameKind,
+        latest: Option<LatestKey>,
+    ) {
         let count = to.len();
         if count == 0 {
             return;
         }
         self.stats.frames_out += count as u64;
-        self.outputs
-            .push_back(Output::Deliver(Delivery { to, frame, kind }));
+        self.outputs.push_back(Output::Deliver(Delivery {
+            to,
+            frame,
+            kind,
+            latest,
+        }));
     }
 
     /// Tells a room's presence subscribers (but `subject`) that a user came or went.
@@ -945,7 +984,11 @@ impl Hub {
     }
 
     pub(crate) fn create_room(&mut self, now: Timestamp, name: RoomName) -> RoomId {
-        let options = self.policy.room_options(&name);
+        let mut options = self.policy.room_options(&name);
+        if self.clustered() {
+            // The broker numbers and keeps the messages; it does not coalesce.
+            options.latest = None;
+        }
         let epoch = self.draw_epoch();
         let id = self
             .rooms
@@ -1080,7 +1123,7 @@ impl Hub {
         true
     }
 
-    fn reschedule_session(&mut self, key: SessionKey) {
+    pub(crate) fn reschedule_session(&mut self, key: SessionKey) {
         if let Some(s) = self.sessions.get_mut(key) {
             let deadline = s.deadline(&self.config);
             self.timers
@@ -1097,6 +1140,10 @@ impl Hub {
             return; // superseded by an earlier entry
         }
         s.timer_at = None;
+        if s.identity.expires_at.is_some_and(|at| now >= at) {
+            self.close(now, key, CloseReason::TokenExpired);
+            return;
+        }
         if let Some(since) = s.detached_since {
             if now >= since + config.session_idle {
                 self.close(now, key, CloseReason::Idle);
@@ -1148,7 +1195,7 @@ impl Hub {
             return; // rescheduled when the last member leaves
         }
         if now >= r.last_activity + r.options.history_ttl {
-            r.history.clear();
+            r.forget_history();
         }
         self.dispose_room_if_unused(now, id);
     }

@@ -61,6 +61,7 @@
 mod cluster;
 pub mod codec;
 mod config;
+mod credentials;
 mod error;
 mod hub;
 mod ids;
@@ -79,6 +80,7 @@ pub use cluster::{
 };
 pub use codec::{ClientFrame, Request, ServerFrame, Since, Target};
 pub use config::{Config, Sequencing};
+pub use credentials::Refresh;
 pub use error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
@@ -86,8 +88,10 @@ pub use hub::{Hub, Published, RoomInfo, Stats};
 pub use ids::{
     Epoch, RoomId, RoomName, RoomNameError, SessionKey, Sid, UserId, MAX_ROOM_NAME_BYTES,
 };
-pub use output::{CloseReason, Delivery, FrameKind, Output, Recipients};
-pub use policy::{Identity, OpenPolicy, Policy, PublishRule, RoomOptions};
+pub use output::{CloseReason, Delivery, FrameKind, LatestKey, Output, Recipients};
+pub use policy::{
+    Identity, LatestValue, OpenPolicy, Policy, PublishRule, RoomOptions, DEFAULT_NEVER_COALESCED,
+};
 pub use session::Liveness;
 pub use time::Timestamp;
 

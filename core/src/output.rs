@@ -23,6 +23,11 @@ pub enum Output {
     },
     /// Broker mode only: something the cluster broker must do.
     Broker(crate::cluster::BrokerRequest),
+    /// A client sent a fresh credential (`refresh`): check it with the
+    /// authenticator that admitted the session, then report with
+    /// [`Hub::complete_refresh`](crate::Hub::complete_refresh). The client
+    /// waits for the answer; never drop one without reporting.
+    Refresh(crate::credentials::Refresh),
 }
 
 /// A frame and who receives it. The frame is encoded once; every recipient
@@ -36,6 +41,45 @@ pub struct Delivery {
     /// What the frame is, for transports that frame by type (SSE's `event:`
     /// line and cursor) without parsing it.
     pub kind: FrameKind,
+    /// `Some` for a message of a latest-value room whose event coalesces:
+    /// once this frame is queued for a session, a frame with the same key
+    /// still queued there and not yet sent is obsolete, and the queue may
+    /// drop it (this frame comes later, with a higher `seq`). `None` for
+    /// every other frame, which must be delivered.
+    pub latest: Option<LatestKey>,
+}
+
+/// The room and `event` a latest-value message is the newest value of (see
+/// [`Delivery::latest`]). Cloning is an atomic increment; equal keys mean the
+/// same room and event.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct LatestKey(Arc<(RoomName, Option<Box<str>>)>);
+
+impl LatestKey {
+    /// The key of `room`'s messages with `event` (the hub makes them; queues
+    /// and their tests compare them).
+    #[must_use]
+    pub fn new(room: RoomName, event: Option<&str>) -> Self {
+        Self(Arc::new((room, event.map(Box::from))))
+    }
+
+    /// The room.
+    #[must_use]
+    pub fn room(&self) -> &RoomName {
+        &self.0 .0
+    }
+
+    /// The message's `event`, `None` for messages without one.
+    #[must_use]
+    pub fn event(&self) -> Option<&str> {
+        self.0 .1.as_deref()
+    }
+}
+
+impl std::fmt::Debug for LatestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LatestKey({}, {:?})", self.room().as_str(), self.event())
+    }
 }
 
 /// The type of an encoded server frame, with what SSE needs of a `message`.
@@ -179,11 +223,14 @@ pub enum CloseReason {
     /// A WebSocket text message, or a close frame's reason, that is not
     /// UTF-8 (1007, `invalid_utf8`).
     InvalidUtf8,
+    /// The session's credential expired ([`Identity::expires_at`](crate::Identity::expires_at))
+    /// and no `refresh` replaced it in time (1008, `token_expired`).
+    TokenExpired,
 }
 
 impl CloseReason {
     /// Every reason (handy for metrics).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Normal,
         Self::GoingAway,
         Self::Disconnected,
@@ -195,6 +242,7 @@ impl CloseReason {
         Self::Internal,
         Self::ProtocolError,
         Self::InvalidUtf8,
+        Self::TokenExpired,
     ];
 
     /// The WebSocket close code (PROTOCOL.md, Transports).
@@ -203,7 +251,7 @@ impl CloseReason {
         match self {
             Self::Normal => 1000,
             Self::GoingAway | Self::HeartbeatTimeout | Self::Idle => 1001,
-            Self::Disconnected | Self::TooManyErrors => 1008,
+            Self::Disconnected | Self::TooManyErrors | Self::TokenExpired => 1008,
             Self::ProtocolError => 1002,
             Self::InvalidUtf8 => 1007,
             Self::FrameTooLarge => 1009,
@@ -228,6 +276,7 @@ impl CloseReason {
             Self::Internal => "internal_error",
             Self::ProtocolError => "protocol_error",
             Self::InvalidUtf8 => "invalid_utf8",
+            Self::TokenExpired => "token_expired",
         }
     }
 

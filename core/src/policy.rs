@@ -1,9 +1,11 @@
 //! The application's rules: who may join and publish where, and what a room keeps.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::codec::Target;
 use crate::ids::{RoomName, UserId};
+use crate::time::Timestamp;
 
 /// Who a session is, as decided by the caller's authentication.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +15,11 @@ pub struct Identity {
     /// Whatever else authentication learned (JWT claims, roles), for the
     /// policy to read. `Null` when there is nothing.
     pub claims: serde_json::Value,
+    /// When the credential that proved this identity stops being valid (a
+    /// JWT's `exp`), on the caller's clock. The hub closes the session then
+    /// with `token_expired`, unless a `refresh` brought a later one. `None`:
+    /// the session never expires.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl Identity {
@@ -22,6 +29,7 @@ impl Identity {
         Self {
             user: user.into(),
             claims: serde_json::Value::Null,
+            expires_at: None,
         }
     }
 
@@ -29,6 +37,13 @@ impl Identity {
     #[must_use]
     pub fn with_claims(mut self, claims: serde_json::Value) -> Self {
         self.claims = claims;
+        self
+    }
+
+    /// The same identity, valid until `at`.
+    #[must_use]
+    pub fn with_expiry(mut self, at: Timestamp) -> Self {
+        self.expires_at = Some(at);
         self
     }
 }
@@ -46,7 +61,7 @@ pub enum PublishRule {
 }
 
 /// What a room keeps and announces, decided by the policy when the room is created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RoomOptions {
     /// Messages kept for recovery through `since`. Default 100; 0 keeps none.
@@ -57,6 +72,12 @@ pub struct RoomOptions {
     /// Whether join/leave `presence` events are sent and `presence` requests
     /// answered (and `joined` carries `members`). Default true.
     pub presence: bool,
+    /// `Some` makes a latest-value room, for state such as progress: it keeps
+    /// only the newest message of each `event`, a late joiner gets those at
+    /// once, and a subscriber too slow to read everything is sent the newest
+    /// of each event instead of being closed. Default `None`: every message
+    /// counts. Applies with [`Sequencing::Local`](crate::Sequencing::Local).
+    pub latest: Option<LatestValue>,
 }
 
 impl Default for RoomOptions {
@@ -65,6 +86,7 @@ impl Default for RoomOptions {
             history: 100,
             history_ttl: Duration::from_secs(300),
             presence: true,
+            latest: None,
         }
     }
 }
@@ -89,6 +111,54 @@ impl RoomOptions {
     pub fn presence(mut self, on: bool) -> Self {
         self.presence = on;
         self
+    }
+
+    /// Makes a latest-value room (see [`RoomOptions::latest`]).
+    #[must_use]
+    pub fn latest_value(mut self, latest: LatestValue) -> Self {
+        self.latest = Some(latest);
+        self
+    }
+}
+
+/// How a latest-value room coalesces: every `event` but the listed ones keeps
+/// only its newest message (in history and in a slow subscriber's queue);
+/// messages without an `event` count as one more event. Messages of the
+/// listed events (outcomes, by default `job_completed` and `job_error`) are
+/// all kept and delivered, and never replace or get replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestValue {
+    never_coalesced: Arc<[Box<str>]>,
+}
+
+/// The events a [`LatestValue`] room never coalesces unless told otherwise.
+pub const DEFAULT_NEVER_COALESCED: [&str; 2] = ["job_completed", "job_error"];
+
+impl Default for LatestValue {
+    fn default() -> Self {
+        Self::never_coalescing(DEFAULT_NEVER_COALESCED)
+    }
+}
+
+impl LatestValue {
+    /// Coalesces every event but `events` (which replace the defaults).
+    #[must_use]
+    pub fn never_coalescing<S: Into<Box<str>>>(events: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            never_coalesced: events.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The events whose every message is kept and delivered.
+    #[must_use]
+    pub fn never_coalesced(&self) -> &[Box<str>] {
+        &self.never_coalesced
+    }
+
+    /// Whether a message with this `event` keeps only its newest copy.
+    #[must_use]
+    pub fn coalesces(&self, event: Option<&str>) -> bool {
+        event.is_none_or(|e| !self.never_coalesced.iter().any(|n| &**n == e))
     }
 }
 

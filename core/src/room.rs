@@ -7,10 +7,14 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 
 use crate::ids::{Epoch, RoomName, SessionKey, UserId};
-use crate::output::Recipients;
+use crate::output::{LatestKey, Recipients};
 use crate::policy::RoomOptions;
 use crate::time::Timestamp;
 use crate::HashState;
+
+/// A message a join replays: its seq, frame and the key it supersedes
+/// queued ones with.
+pub(crate) type Replayed = (u64, Bytes, Option<LatestKey>);
 
 pub(crate) struct Room {
     pub(crate) name: RoomName,
@@ -24,8 +28,16 @@ pub(crate) struct Room {
     pub(crate) users: HashMap<UserId, u32, HashState>,
     /// Members that asked for no presence events.
     pub(crate) quiet_members: usize,
-    /// The last `options.history` messages, oldest first.
+    /// The last `options.history` messages, oldest first. In a latest-value
+    /// room, at most one per coalescing event (so seqs have gaps).
     pub(crate) history: VecDeque<(u64, Bytes)>,
+    /// Latest-value room: the seq of each coalescing event's message in
+    /// `history`.
+    latest_index: HashMap<LatestKey, u64, HashState>,
+    /// Latest-value room: the highest seq the `history` bound dropped (not a
+    /// message replaced by a newer one of its event). A `since` below it
+    /// cannot be recovered.
+    evicted_through: u64,
     /// The member list shared by broadcasts; `None` after membership changed.
     snapshot: Option<Arc<[SessionKey]>>,
     /// Last publish, or when the last member left: starts the history TTL.
@@ -62,6 +74,8 @@ impl Room {
             users: HashMap::with_hasher(hash.clone()),
             quiet_members: 0,
             history: VecDeque::new(),
+            latest_index: HashMap::with_hasher(hash.clone()),
+            evicted_through: 0,
             snapshot: None,
             last_activity: now,
             timer_at: None,
@@ -135,6 +149,74 @@ impl Room {
         self.remember_up_to(seq, frame, self.options.history);
     }
 
+    /// Appends a published message to history: in a latest-value room it
+    /// replaces the retained message of its event, if it coalesces. Returns
+    /// the key the message supersedes queued ones with, if any.
+    pub(crate) fn remember_message(
+        &mut self,
+        seq: u64,
+        frame: Bytes,
+        event: Option<&str>,
+    ) -> Option<LatestKey> {
+        let Some(latest) = &self.options.latest else {
+            self.remember(seq, frame);
+            return None;
+        };
+        let key = latest
+            .coalesces(event)
+            .then(|| LatestKey::new(self.name.clone(), event));
+        if let Some(key) = &key {
+            if let Some(old) = self.latest_index.insert(key.clone(), seq) {
+                // Seqs in history ascend.
+                if let Ok(i) = self.history.binary_search_by_key(&old, |(s, _)| *s) {
+                    self.history.remove(i);
+                }
+            }
+        }
+        let cap = self.options.history;
+        while !self.history.is_empty() && self.history.len() >= cap {
+            if let Some((dropped, _)) = self.history.pop_front() {
+                self.evicted_through = dropped;
+                self.latest_index.retain(|_, s| *s != dropped);
+            }
+        }
+        if cap == 0 {
+            self.latest_index.clear();
+            self.evicted_through = seq;
+        } else {
+            self.history.push_back((seq, frame));
+        }
+        key
+    }
+
+    /// Latest-value room: what a join replays, each message with the key it
+    /// supersedes queued ones with, and the join's `recovered`. With a
+    /// `since` this room can answer (its epoch, not ahead, nothing it needs
+    /// dropped by the bound), the retained messages after it and `true`;
+    /// otherwise all of them (the room's current state), and `false` when a
+    /// `since` was sent.
+    pub(crate) fn latest_replay(
+        &self,
+        since: Option<(u64, &str)>,
+    ) -> (Vec<Replayed>, Option<bool>) {
+        let recovered = since.map(|(seq, epoch)| {
+            epoch == self.epoch.as_str() && seq <= self.seq && seq >= self.evicted_through
+        });
+        let after = match (since, recovered) {
+            (Some((seq, _)), Some(true)) => seq,
+            _ => 0,
+        };
+        let keys: HashMap<u64, &LatestKey> =
+            self.latest_index.iter().map(|(k, s)| (*s, k)).collect();
+        let replay = self
+            .history
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .map(|(seq, frame)| (*seq, frame.clone(), keys.get(seq).map(|k| (*k).clone())))
+            .collect();
+        (replay, recovered)
+    }
+
     /// Appends a message, keeping at most `cap`.
     pub(crate) fn remember_up_to(&mut self, seq: u64, frame: Bytes, cap: usize) {
         if cap == 0 {
@@ -169,6 +251,13 @@ impl Room {
             .map_or(0, |(oldest, _)| (since_seq + 1).saturating_sub(*oldest));
         let skip = usize::try_from(skip).unwrap_or(usize::MAX);
         Some(self.history.iter().skip(skip).map(|(_, frame)| frame))
+    }
+
+    /// Drops the history (its TTL ran out).
+    pub(crate) fn forget_history(&mut self) {
+        self.history.clear();
+        self.latest_index.clear();
+        self.evicted_through = self.seq;
     }
 
     /// A room with no members and no history costs memory for nothing.

@@ -68,8 +68,16 @@ impl Session {
         }
     }
 
-    /// The next moment this session's timers need attention.
+    /// The next moment this session's timers need attention: its heartbeat
+    /// or idle deadline, or its credential's expiry if that comes first.
     pub(crate) fn deadline(&self, config: &Config) -> Timestamp {
+        let liveness = self.liveness_deadline(config);
+        self.identity
+            .expires_at
+            .map_or(liveness, |at| at.min(liveness))
+    }
+
+    fn liveness_deadline(&self, config: &Config) -> Timestamp {
         if let Some(since) = self.detached_since {
             // Detached: no heartbeat, only `idle` (see `Liveness`).
             return since + config.session_idle;

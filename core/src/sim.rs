@@ -3,7 +3,10 @@
 //! [`Sim`] owns a [`Hub`], a simulated clock and one inbox per session. Every
 //! call applies an input and then drains the hub's outputs into the inboxes,
 //! so a test reads what each session received, in order, and no test ever
-//! sleeps: [`Sim::advance`] jumps the clock from deadline to deadline.
+//! sleeps: [`Sim::advance`] jumps the clock from deadline to deadline. An
+//! inbox behaves as a runtime's outbound queue: a latest-value message
+//! replaces an unread one of the same room and event, so a session that
+//! takes rarely is a slow subscriber.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -30,8 +33,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
-    CloseReason, Config, ConnectError, FrameKind, HandleError, Hub, Identity, Liveness, Output,
-    Policy, SessionKey, Sid, Timestamp,
+    CloseReason, Config, ConnectError, FrameError, FrameKind, HandleError, Hub, Identity,
+    LatestKey, Liveness, Output, Policy, Refresh, SessionKey, Sid, Timestamp,
 };
 
 /// The time a [`Sim`] starts at: 2025-01-01T00:00:00Z, so `ts` values look real.
@@ -44,6 +47,8 @@ pub struct Received {
     pub frame: Bytes,
     /// Its kind.
     pub kind: FrameKind,
+    /// The key it supersedes unread frames with (see [`Delivery::latest`](crate::Delivery::latest)).
+    pub latest: Option<LatestKey>,
 }
 
 impl Received {
@@ -67,6 +72,7 @@ pub struct Sim {
     // close reason. Keyed by the full (versioned) key, every session keeps its own.
     inboxes: BTreeMap<SessionKey, Vec<Received>>,
     closed: BTreeMap<SessionKey, CloseReason>,
+    refreshes: Vec<Refresh>,
     sids_drawn: u64,
 }
 
@@ -91,6 +97,7 @@ impl Sim {
             now: SIM_EPOCH,
             inboxes: BTreeMap::new(),
             closed: BTreeMap::new(),
+            refreshes: Vec::new(),
             sids_drawn: 0,
         }
     }
@@ -186,9 +193,15 @@ impl Sim {
                 Output::Deliver(delivery) => {
                     for key in delivery.to.iter() {
                         if let Some(inbox) = self.inboxes.get_mut(&key) {
+                            if let Some(latest) = &delivery.latest {
+                                // As a runtime's outbound queue does: an unread
+                                // value is obsolete once a newer one is queued.
+                                inbox.retain(|r| r.latest.as_ref() != Some(latest));
+                            }
                             inbox.push(Received {
                                 frame: delivery.frame.clone(),
                                 kind: delivery.kind.clone(),
+                                latest: delivery.latest.clone(),
                             });
                         }
                     }
@@ -196,10 +209,23 @@ impl Sim {
                 Output::Close { session, reason } => {
                     self.closed.insert(session, reason);
                 }
+                Output::Refresh(refresh) => self.refreshes.push(refresh),
                 // Broker mode is driven by the runtime, not by this harness.
                 Output::Broker(_) => {}
             }
         }
+    }
+
+    /// Takes the `refresh` credentials waiting for an authenticator, oldest
+    /// first; the test plays the authenticator with [`Sim::complete_refresh`].
+    pub fn take_refreshes(&mut self) -> Vec<Refresh> {
+        std::mem::take(&mut self.refreshes)
+    }
+
+    /// Reports what the authenticator made of a `refresh` and delivers the results.
+    pub fn complete_refresh(&mut self, refresh: Refresh, result: Result<Identity, FrameError>) {
+        self.hub.complete_refresh(self.now, refresh, result);
+        self.pump();
     }
 
     /// Takes what `session` received so far, as JSON.

@@ -66,12 +66,12 @@ const ROOM_BYTES: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 
 /// Every field a client frame may have; unknown fields are drawn elsewhere.
 const KNOWN_FIELDS: &[&str] = &[
-    "type", "id", "room", "since", "presence", "data", "event", "echo", "to",
+    "type", "id", "room", "since", "presence", "data", "event", "echo", "to", "token",
 ];
 
 /// Every client frame type of PROTOCOL.md.
 const CLIENT_TYPES: &[&str] = &[
-    "join", "leave", "publish", "direct", "ping", "pong", "presence",
+    "join", "leave", "publish", "direct", "ping", "pong", "presence", "refresh",
 ];
 
 /// The types whose frames carry a `room`.
@@ -543,6 +543,7 @@ fn invalid_frame() -> impl Strategy<Value = String> + Clone {
                     fields.extend([("to", json!({ "user": "bob" })), ("data", json!(1))]);
                 }
                 "ping" | "pong" => {}
+                "refresh" => fields.push(("token", json!("t"))),
                 _ => {
                     fields.extend(room_frame_fields(ty));
                     fields.push(("room", json!("a")));
@@ -550,6 +551,14 @@ fn invalid_frame() -> impl Strategy<Value = String> + Clone {
             }
             render_plain(Value::from(ty), fields)
         });
+    let refresh = select(vec![
+        vec![],
+        vec![("token", json!(""))],
+        vec![("token", json!(null))],
+        vec![("token", json!(1))],
+        vec![("token", json!(["a.b.c"]))],
+    ])
+    .prop_map(|fields| render_plain(json!("refresh"), fields));
     let duplicate = select(vec![
         r#"{"type":"ping","type":"ping"}"#,
         r#"{"type":"join","room":"a","room":"b"}"#,
@@ -557,8 +566,10 @@ fn invalid_frame() -> impl Strategy<Value = String> + Clone {
         r#"{"type":"ping","id":1,"id":1}"#,
     ])
     .prop_map(str::to_owned);
-    prop_oneof![no_type, type_kind, no_room, room_kind, publish, join, direct, bad_id, duplicate]
-        .boxed()
+    prop_oneof![
+        no_type, type_kind, no_room, room_kind, publish, join, direct, refresh, bad_id, duplicate
+    ]
+    .boxed()
 }
 
 fn unknown_type() -> impl Strategy<Value = String> + Clone {

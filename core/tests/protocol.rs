@@ -1553,6 +1553,256 @@ fn the_heartbeat_resumes_when_a_detached_session_attaches() {
     );
 }
 
+// ---- credentials: expiry and refresh --------------------------------------
+
+/// Connects `user` with a credential valid for `valid`; returns the session
+/// and its `welcome`.
+fn connect_expiring(sim: &mut Sim, user: &str, valid: Duration) -> (SessionKey, Value) {
+    let identity = Identity::new(user).with_expiry(sim.now() + valid);
+    let key = sim.try_connect(identity, Liveness::Client).unwrap();
+    let got = sim.take(key);
+    assert_eq!(types(&got), ["welcome"]);
+    (key, got[0].clone())
+}
+
+/// Sends a `refresh` with `token` and id 9; returns what the hub handed out.
+fn send_refresh(sim: &mut Sim, key: SessionKey, token: &str) -> switchboard_core::Refresh {
+    ok(
+        sim,
+        key,
+        json!({"type": "refresh", "token": token, "id": 9}),
+    );
+    assert!(
+        sim.take(key).is_empty(),
+        "no answer before the authenticator's"
+    );
+    let mut handed = sim.take_refreshes();
+    assert_eq!(handed.len(), 1);
+    let refresh = handed.remove(0);
+    assert_eq!((refresh.session(), refresh.token()), (key, token));
+    refresh
+}
+
+/// Asserts that `key` received one `error`: the `refresh` (id 9) was `forbidden`.
+fn assert_refused_forbidden(sim: &mut Sim, key: SessionKey) {
+    let got = sim.take(key);
+    assert_eq!(types(&got), ["error"]);
+    assert_eq!(
+        (&got[0]["code"], &got[0]["id"]),
+        (&json!("forbidden"), &json!(9))
+    );
+}
+
+const TOKEN_EXPIRED: &str = r#"{"type":"close","code":1008,"reason":"token_expired"}"#;
+
+#[test]
+fn a_session_is_closed_token_expired_when_its_credential_expires() {
+    let mut sim = sim();
+    let bob = connect(&mut sim, "bob");
+    let (alice, welcome) = connect_expiring(&mut sim, "alice", secs(3));
+    // (A session without expiry has none: the welcome tests compare whole frames.)
+    assert_eq!(welcome["expires_in_ms"], 3000);
+    join(&mut sim, bob, "lobby");
+    join(&mut sim, alice, "lobby");
+    sim.take(bob);
+    // An active client is closed all the same: liveness is not a credential.
+    sim.advance(secs(2));
+    ok(&mut sim, alice, json!({"type": "ping"}));
+    sim.take(alice);
+    sim.advance(secs(1) - MS);
+    assert!(sim.hub().contains(alice));
+    sim.advance(MS);
+    let got = sim.take_raw(alice);
+    assert_eq!(got.len(), 1);
+    assert_eq!(&got[0].frame[..], TOKEN_EXPIRED.as_bytes());
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+    assert!(!sim.hub().contains(alice));
+    let left = sim.take(bob);
+    assert_eq!(
+        left[0]["action"], "leave",
+        "its rooms hear it leave: {left:?}"
+    );
+    assert!(sim.hub().contains(bob), "sessions without expiry stay");
+    let closes = sim.hub().stats().closes[CloseReason::TokenExpired.index()];
+    assert_eq!(closes, 1);
+}
+
+#[test]
+fn a_detached_session_expires_too() {
+    let mut sim = sim();
+    let (poll, _) = connect_expiring(&mut sim, "alice", secs(5));
+    let now = sim.now();
+    sim.hub_mut().detach(now, poll); // idle only after 60 s
+    sim.advance(secs(5) - MS);
+    assert!(sim.hub().contains(poll));
+    sim.advance(MS);
+    assert_eq!(sim.close_reason(poll), Some(CloseReason::TokenExpired));
+    // The long-poll fetches it with its next poll.
+    assert_eq!(sim.take(poll)[0]["reason"], "token_expired");
+}
+
+#[test]
+fn a_refresh_of_the_same_user_moves_the_deadline_and_is_acked_with_the_time_left() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let t0 = sim.now();
+    sim.advance(secs(2));
+    let refresh = send_refresh(&mut sim, alice, "fresh");
+    let renewed = Identity::new("alice")
+        .with_claims(json!({"role": "editor"}))
+        .with_expiry(t0 + secs(10));
+    sim.complete_refresh(refresh, Ok(renewed.clone()));
+    assert_eq!(
+        sim.take(alice),
+        vec![json!({"type": "ack", "id": 9, "expires_in_ms": 8000})]
+    );
+    assert_eq!(sim.hub().identity(alice), Some(&renewed), "claims replaced");
+    sim.advance(secs(8) - MS);
+    assert!(sim.hub().contains(alice), "kept past the first token's exp");
+    assert_eq!(sim.close_reason(alice), None);
+    sim.advance(MS);
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
+#[test]
+fn a_refresh_may_bring_the_deadline_earlier_or_remove_it() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(60));
+    let t0 = sim.now();
+    let refresh = send_refresh(&mut sim, alice, "shorter");
+    sim.complete_refresh(
+        refresh,
+        Ok(Identity::new("alice").with_expiry(t0 + secs(5))),
+    );
+    sim.take(alice);
+    sim.advance(secs(5));
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+
+    let (bob, _) = connect_expiring(&mut sim, "bob", secs(3));
+    let refresh = send_refresh(&mut sim, bob, "forever");
+    sim.complete_refresh(refresh, Ok(Identity::new("bob")));
+    assert_eq!(sim.take(bob), vec![json!({"type": "ack", "id": 9})]);
+    for _ in 0..4 {
+        sim.advance(secs(20));
+        ok(&mut sim, bob, json!({"type": "pong"}));
+    }
+    assert!(
+        sim.hub().contains(bob),
+        "a credential without expiry never expires"
+    );
+}
+
+#[test]
+fn a_refresh_naming_another_user_is_forbidden_and_changes_nothing() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let before = sim.hub().identity(alice).cloned();
+    let refresh = send_refresh(&mut sim, alice, "mallory's");
+    sim.complete_refresh(
+        refresh,
+        Ok(Identity::new("mallory").with_expiry(sim.now() + secs(60))),
+    );
+    assert_refused_forbidden(&mut sim, alice);
+    assert_eq!(sim.hub().identity(alice).cloned(), before);
+    assert_eq!(sim.hub().user_sessions("mallory"), &[] as &[SessionKey]);
+    sim.advance(secs(3));
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
+#[test]
+fn a_refresh_with_an_already_expired_credential_is_forbidden_and_changes_nothing() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let before = sim.hub().identity(alice).cloned();
+    sim.advance(secs(1));
+    // An authenticator with leeway may accept a token past its `exp`.
+    let refresh = send_refresh(&mut sim, alice, "stale");
+    let stale = Identity::new("alice").with_expiry(sim.now());
+    sim.complete_refresh(refresh, Ok(stale));
+    assert_refused_forbidden(&mut sim, alice);
+    assert_eq!(sim.hub().identity(alice).cloned(), before);
+    sim.advance(secs(2) - MS);
+    assert!(sim.hub().contains(alice), "the old deadline holds");
+    sim.advance(MS);
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
+#[test]
+fn a_refresh_the_authenticator_refuses_gets_its_error_and_counts_as_one() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let refresh = send_refresh(&mut sim, alice, "forged");
+    let error =
+        switchboard_core::FrameError::new(ErrorCode::Forbidden, "invalid token: InvalidSignature");
+    sim.complete_refresh(refresh, Err(error));
+    let got = sim.take(alice);
+    assert_eq!(
+        got,
+        vec![
+            json!({"type": "error", "code": "forbidden", "message": "invalid token: InvalidSignature", "id": 9})
+        ]
+    );
+    assert_eq!(sim.hub().stats().errors[ErrorCode::Forbidden.index()], 1);
+    sim.advance(secs(3));
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
+#[test]
+fn a_refresh_completed_after_its_session_closed_is_ignored() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    let refresh = send_refresh(&mut sim, alice, "late");
+    sim.advance(secs(3));
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+    sim.take(alice);
+    let count = sim.hub().session_count();
+    sim.complete_refresh(
+        refresh,
+        Ok(Identity::new("alice").with_expiry(sim.now() + secs(60))),
+    );
+    assert!(sim.take(alice).is_empty());
+    assert_eq!(sim.hub().session_count(), count);
+}
+
+#[test]
+fn a_malformed_refresh_is_invalid_frame_and_asks_nothing() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    refused(&mut sim, alice, r#"{"type":"refresh"}"#, "invalid_frame");
+    refused(
+        &mut sim,
+        alice,
+        r#"{"type":"refresh","token":1}"#,
+        "invalid_frame",
+    );
+    refused(
+        &mut sim,
+        alice,
+        r#"{"type":"refresh","token":""}"#,
+        "invalid_frame",
+    );
+    assert!(sim.take_refreshes().is_empty());
+}
+
+#[test]
+fn a_refresh_without_an_id_is_answered_only_when_refused() {
+    let mut sim = sim();
+    let (alice, _) = connect_expiring(&mut sim, "alice", secs(3));
+    ok(&mut sim, alice, json!({"type": "refresh", "token": "t"}));
+    let refresh = sim.take_refreshes().remove(0);
+    sim.complete_refresh(
+        refresh,
+        Ok(Identity::new("alice").with_expiry(sim.now() + secs(9))),
+    );
+    assert!(sim.take(alice).is_empty());
+    ok(&mut sim, alice, json!({"type": "refresh", "token": "t"}));
+    let refresh = sim.take_refreshes().remove(0);
+    sim.complete_refresh(refresh, Ok(Identity::new("eve")));
+    assert_eq!(types(&sim.take(alice)), ["error"]);
+    sim.advance(secs(9));
+    assert_eq!(sim.close_reason(alice), Some(CloseReason::TokenExpired));
+}
+
 // ---- limits ---------------------------------------------------------------
 
 /// A `pong` frame padded with spaces to exactly `len` bytes.
@@ -2112,6 +2362,7 @@ fn every_error_code_and_close_reason_has_its_wire_name() {
             ("internal_error", 1011),
             ("protocol_error", 1002),
             ("invalid_utf8", 1007),
+            ("token_expired", 1008),
         ]
     );
 }

@@ -21,6 +21,12 @@
 //! backoff, recovery with `since`, `onReset`, heartbeat silence, failing
 //! sends and request timeouts.
 //!
+//! `expiring_tokens_are_refreshed_by_switchboard_js_in_a_real_browser` runs
+//! `token.test.mjs` against a server taking JWTs: a session closed
+//! `token_expired` at `exp` without `getToken`, kept open past it with one
+//! (refreshed in band, no reconnect) over each transport, and a refresh
+//! naming another user refused.
+//!
 //! Needs Chromium (`apt-get install -y chromium`, or `CHROMIUM_PATH`) and
 //! Node 20+ with npm; fails, saying what to install, when they are missing.
 
@@ -34,7 +40,7 @@ use std::time::Duration;
 
 use switchboard_core::Config;
 use switchboard_examples::jobs;
-use switchboard_runtime::{RuntimeConfig, Switchboard, TrustClientName};
+use switchboard_runtime::{JwtAuthenticator, RuntimeConfig, Switchboard, TrustClientName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
@@ -380,11 +386,26 @@ fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, Socket
         .authenticator(TrustClientName)
         .build()
         .expect("switchboard");
+    let (server, addr) = serve_with_blank_page(&switchboard, warp::any().and_then(not_found));
+    (switchboard, server, addr)
+}
+
+async fn not_found() -> Result<String, warp::Rejection> {
+    Err(warp::reject::not_found())
+}
+
+/// Serves `extra` routes, a blank page at `/` and every Switchboard route on
+/// a free port, until `switchboard` shuts down.
+fn serve_with_blank_page<F>(switchboard: &Switchboard, extra: F) -> (JoinHandle<()>, SocketAddr)
+where
+    F: Filter<Error = warp::Rejection> + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
     let page = warp::path::end()
         .and(warp::get())
         .map(|| warp::reply::html("<!doctype html><title>switchboard.js test</title>"));
-    let routes = page.or(switchboard_warp::routes(
-        &switchboard,
+    let routes = page.or(extra).or(switchboard_warp::routes(
+        switchboard,
         switchboard_warp::Options::default().api_key(CLIENT_API_KEY),
     ));
     let listener = switchboard_websocket::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
@@ -396,7 +417,7 @@ fn client_server(runtime: RuntimeConfig) -> (Switchboard, JoinHandle<()>, Socket
             .graceful(async move { stop.cancelled().await })
             .run(),
     );
-    (switchboard, server, addr)
+    (server, addr)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,4 +448,47 @@ async fn switchboard_js_in_a_real_browser() {
         switchboard.shutdown().await;
         server.await.expect("server task");
     }
+}
+
+/// A server taking HS256 JWTs, with `GET /token?user=…&ttl=…` signing one
+/// for the page (valid `ttl` seconds), for `token.test.mjs`.
+fn token_server() -> (Switchboard, JoinHandle<()>, SocketAddr) {
+    const SECRET: &[u8] = b"token-browser-test";
+    let switchboard = Switchboard::builder()
+        .authenticator(JwtAuthenticator::hs256(SECRET))
+        .build()
+        .expect("switchboard");
+    let issuer = JwtAuthenticator::hs256(SECRET);
+    let tokens = warp::path("token")
+        .and(warp::get())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(move |query: std::collections::HashMap<String, String>| {
+            let user = query.get("user").map_or("alice", String::as_str);
+            let ttl = query.get("ttl").and_then(|t| t.parse().ok()).unwrap_or(60);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("the clock is past 1970")
+                .as_secs();
+            issuer
+                .issue(user, now, ttl, serde_json::Value::Null)
+                .expect("sign a token")
+        });
+    let (server, addr) = serve_with_blank_page(&switchboard, tokens);
+    (switchboard, server, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiring_tokens_are_refreshed_by_switchboard_js_in_a_real_browser() {
+    let _one = ONE_BROWSER.lock().await;
+    browser::prepare().await;
+    let (switchboard, server, addr) = token_server();
+    browser::node_test(
+        "token.test.mjs",
+        &[("TOKEN_URL", format!("http://{addr}/"))],
+        &screenshots("token-browser"),
+        CLIENT_TEST_TIMEOUT,
+    )
+    .await;
+    switchboard.shutdown().await;
+    server.await.expect("server task");
 }

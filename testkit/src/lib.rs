@@ -375,11 +375,7 @@ pub async fn conformance(addr: SocketAddr, base: &str) {
         .as_str()
         .expect("welcome has a sid")
         .to_owned();
-    let mut poller = Poller {
-        addr,
-        path: format!("{base}/poll?sid={poll_sid}&token=carol"),
-        ack: 1,
-    };
+    let mut poller = Poller::new(addr, format!("{base}/poll?sid={poll_sid}&token=carol"));
     let join = json!({"type": "join", "room": room}).to_string();
     let sent = http(
         addr,
@@ -456,14 +452,28 @@ pub async fn conformance(addr: SocketAddr, base: &str) {
 }
 
 /// A long-poll client that acknowledges every answer it read.
-struct Poller {
+pub struct Poller {
     addr: SocketAddr,
-    path: String,
+    /// `…/poll?sid=…&token=…`, without `ack`; change it to poll with
+    /// another credential.
+    pub path: String,
     ack: usize,
 }
 
 impl Poller {
-    async fn next_of(&mut self, kind: &str) -> Value {
+    /// Polls `path` (`…/poll?sid=…`, without `ack`) on `addr` for a session
+    /// whose `POST …/poll/open` answer (`[welcome]`) was read: the first poll
+    /// acknowledges it.
+    #[must_use]
+    pub fn new(addr: SocketAddr, path: String) -> Self {
+        Self { addr, path, ack: 1 }
+    }
+
+    /// The next frame of type `kind`, skipping others.
+    ///
+    /// # Panics
+    /// When a poll is refused or nothing comes within [`WAIT`] per poll.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
         loop {
             let reply = http(
                 self.addr,

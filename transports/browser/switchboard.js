@@ -58,6 +58,8 @@ export class Switchboard {
    * @param {object} [options]
    * @param {string} [options.url] base URL of the server's Switchboard routes (default: this page's origin)
    * @param {string} [options.token] credential, sent as the `token` query parameter
+   * @param {() => (string|Promise<string>)} [options.getToken] returns a fresh credential: called before
+   *   the current one expires (sent in band as `refresh`, no reconnect) and before every reconnect
    * @param {string[]} [options.transports] transports in order of preference
    * @param {number} [options.connectTimeoutMs] how long a transport may take to deliver `welcome`
    * @param {number} [options.backoffBaseMs] first reconnect delay cap
@@ -71,6 +73,7 @@ export class Switchboard {
     this.url = new URL(options.url || "/", globalThis.location ? globalThis.location.href : undefined);
     if (!this.url.pathname.endsWith("/")) this.url.pathname += "/";
     this.token = options.token;
+    this.getToken = options.getToken;
     this.transports = (options.transports || TRANSPORTS).filter((t) => TRANSPORTS.includes(t));
     this.connectTimeoutMs = options.connectTimeoutMs ?? 5000;
     this.backoffBaseMs = options.backoffBaseMs ?? 500;
@@ -136,6 +139,7 @@ export class Switchboard {
     if (this.state !== "idle" && this.state !== "closed") return;
     this.stopped = false;
     this.setState("connecting");
+    if (this.getToken && !this.token) return void this.withFreshToken(() => this.tryLevel(this.level));
     this.tryLevel(this.level);
   }
 
@@ -341,6 +345,7 @@ export class Switchboard {
     this.attempt = 0;
     this.setState("connected");
     this.emit("welcome", frame);
+    this.scheduleRefresh(frame.expires_in_ms);
     for (const room of this.rooms.values()) room.resetSession(); // not joined until its `joined` comes
     // SSE joined its rooms in the URL; the others join now, with `since`.
     for (const room of [...this.rooms.values()]) {
@@ -390,7 +395,9 @@ export class Switchboard {
       this.conn = null;
       this.clearTimer(giveUp);
       const close = this.closeFrame;
-      if (info.fatal || (close && close.code === 1008) || info.code === 1008) {
+      // An expired token is not a refusal when getToken can bring a new one.
+      const renewable = this.getToken && close && close.reason === "token_expired";
+      if (!renewable && (info.fatal || (close && close.code === 1008) || info.code === 1008)) {
         // Refused (authentication, origin, policy): retrying cannot help.
         this.failPending("closed");
         this.stopped = true;
@@ -412,7 +419,7 @@ export class Switchboard {
     const delay = Math.random() * cap;
     this.attempt = Math.min(this.attempt + 1, 16);
     this.clearTimer(this.reconnectTimer);
-    this.reconnectTimer = this.later(() => this.tryLevel(this.level), delay);
+    this.reconnectTimer = this.later(() => this.withFreshToken(() => this.tryLevel(this.level)), delay);
   }
 
   /** Closes the current transport without reporting it (its callbacks are cut). */
@@ -511,11 +518,74 @@ export class Switchboard {
     this.timers.clear();
   }
 
+  // ---- token refresh (options.getToken) ---------------------------------------
+  // Before the token expires (the server's `expires_in_ms`, else the JWT's
+  // `exp`), a fresh one from getToken() goes over the open connection as a
+  // `refresh` frame; its `ack` makes it the token for later requests and
+  // reconnects. A refused refresh is reported as an `error` event; the
+  // session then closes `token_expired` and reconnects with getToken().
+
+  scheduleRefresh(expiresInMs) {
+    this.clearTimer(this.refreshTimer);
+    this.refreshTimer = null;
+    const ms = expiresInMs ?? jwtExpiresInMs(this.token);
+    if (!this.getToken || typeof ms !== "number") return;
+    // Half-way for short tokens, 30 s ahead for long ones.
+    this.refreshTimer = this.later(() => this.refreshToken(), Math.max(ms / 2, ms - 30000));
+  }
+
+  async refreshToken() {
+    const conn = this.conn;
+    let token;
+    try {
+      token = await this.getToken();
+    } catch (e) {
+      return this.emit("error", new SwitchboardError("token_unavailable", String(e)));
+    }
+    if (!token || this.conn !== conn || this.state !== "connected") return; // a reconnect brings it
+    this.request({ type: "refresh", token }).then(
+      (ack) => {
+        this.token = token;
+        this.scheduleRefresh(ack.expires_in_ms);
+      },
+      (error) => {
+        if (!GONE.has(error.code)) this.emit("error", error);
+      },
+    );
+  }
+
+  /** Runs `fn` once getToken() (if given) has replaced the token. */
+  withFreshToken(fn) {
+    if (!this.getToken) return fn();
+    Promise.resolve()
+      .then(() => this.getToken())
+      .then(
+        (token) => {
+          if (token) this.token = token;
+        },
+        (e) => this.emit("error", new SwitchboardError("token_unavailable", String(e))),
+      )
+      .then(() => {
+        if (!this.stopped) fn();
+      });
+  }
+
   endpoint(path, params = {}) {
     const url = new URL(path, this.url);
     if (this.token) url.searchParams.set("token", this.token);
     for (const [k, v] of Object.entries(params)) if (v !== undefined && v !== null) url.searchParams.set(k, v);
     return url;
+  }
+}
+
+/** Milliseconds until a JWT's `exp` (its payload is readable without the key), or null. */
+function jwtExpiresInMs(token) {
+  try {
+    const payload = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const { exp } = JSON.parse(atob(payload.padEnd(Math.ceil(payload.length / 4) * 4, "=")));
+    return typeof exp === "number" ? exp * 1000 - Date.now() : null;
+  } catch {
+    return null;
   }
 }
 

@@ -11,7 +11,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use switchboard_core::{Config, Identity, Policy, PublishRule, RoomName, RoomOptions};
+use switchboard_core::{
+    Config, Identity, LatestValue, Policy, PublishRule, RoomName, RoomOptions,
+    DEFAULT_NEVER_COALESCED,
+};
 use switchboard_runtime::{
     AllowOrigins, JwtAuthenticator, RuntimeConfig, Switchboard, TrustClientName,
 };
@@ -100,6 +103,15 @@ struct Args {
     /// Rooms with this name prefix take publishes only from the server (repeatable), e.g. `job_`.
     #[arg(long = "server-only-prefix")]
     server_only_prefixes: Vec<String>,
+    /// Rooms with this name prefix are latest-value rooms (repeatable), e.g. `job_`: they keep only the newest message of each `event`, replay it to every joiner, and a slow subscriber gets the newest values instead of being closed.
+    #[arg(long = "latest-prefix")]
+    latest_prefixes: Vec<String>,
+    /// In latest-value rooms, an event whose every message is kept and delivered (repeatable; given at least once, it replaces the defaults).
+    #[arg(long = "never-coalesce", default_values_t = DEFAULT_NEVER_COALESCED.map(String::from))]
+    never_coalesce: Vec<String>,
+    /// How long one write to a client may take before the connection is dropped, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    write_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,27 +120,36 @@ enum AuthMode {
     Trust,
 }
 
-/// Rooms keep `--history`; `--server-only-prefix` rooms take only server publishes.
+/// Rooms keep `--history`; `--server-only-prefix` rooms take only server
+/// publishes; `--latest-prefix` rooms are latest-value rooms.
 struct ServerPolicy {
     options: RoomOptions,
     server_only: Vec<String>,
+    latest: Vec<String>,
+    latest_options: RoomOptions,
+}
+
+fn has_prefix(room: &RoomName, prefixes: &[String]) -> bool {
+    prefixes
+        .iter()
+        .any(|p| room.as_str().starts_with(p.as_str()))
 }
 
 impl Policy for ServerPolicy {
     fn publish_rule(&self, _who: &Identity, room: &RoomName) -> PublishRule {
-        if self
-            .server_only
-            .iter()
-            .any(|p| room.as_str().starts_with(p.as_str()))
-        {
+        if has_prefix(room, &self.server_only) {
             PublishRule::ServerOnly
         } else {
             PublishRule::Members
         }
     }
 
-    fn room_options(&self, _room: &RoomName) -> RoomOptions {
-        self.options
+    fn room_options(&self, room: &RoomName) -> RoomOptions {
+        if has_prefix(room, &self.latest) {
+            self.latest_options.clone()
+        } else {
+            self.options.clone()
+        }
     }
 }
 
@@ -159,11 +180,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     runtime.sse_client_frames = !args.sse_push_only;
     let shutdown_timeout = runtime.shutdown_timeout;
 
+    runtime.write_timeout = Duration::from_millis(args.write_timeout_ms);
+    let options = RoomOptions::default()
+        .history(args.history)
+        .history_ttl(Duration::from_secs(args.history_ttl_secs));
     let policy = ServerPolicy {
-        options: RoomOptions::default()
-            .history(args.history)
-            .history_ttl(Duration::from_secs(args.history_ttl_secs)),
+        latest_options: options
+            .clone()
+            .latest_value(LatestValue::never_coalescing(args.never_coalesce.clone())),
+        options,
         server_only: args.server_only_prefixes.clone(),
+        latest: args.latest_prefixes.clone(),
     };
     let builder = Switchboard::builder()
         .config(config)
@@ -180,6 +207,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
+    if args.redis.is_some() && !args.latest_prefixes.is_empty() {
+        tracing::warn!(
+            "--latest-prefix has no effect with --redis: the broker keeps every message"
+        );
+    }
     let switchboard = match &args.redis {
         Some(url) => {
             let broker = switchboard_redis::RedisBroker::new(url)?

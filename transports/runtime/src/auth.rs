@@ -55,6 +55,19 @@ impl Refusal {
 pub trait Authenticator: Send + Sync + 'static {
     /// The identity of the client, or why it may not connect.
     async fn authenticate(&self, request: &Parts) -> Result<Identity, Refusal>;
+
+    /// Checks a credential a session sent in band (a `refresh` frame), so
+    /// that it may outlive the token it connected with. The default asks
+    /// [`Authenticator::authenticate`] about a request carrying only
+    /// `Authorization: Bearer <token>`, so one authenticator judges both;
+    /// override it when tokens are checked without a request.
+    async fn authenticate_token(&self, token: &str) -> Result<Identity, Refusal> {
+        let request = http::Request::builder()
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(())
+            .map_err(|_| Refusal::forbidden("the token is not a valid header value"))?;
+        self.authenticate(&request.into_parts().0).await
+    }
 }
 
 /// Lets everybody in; the user id is the `token` credential when one is given

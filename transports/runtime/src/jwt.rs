@@ -3,13 +3,15 @@
 use async_trait::async_trait;
 use http::request::Parts;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use switchboard_core::Identity;
+use switchboard_core::{Identity, Timestamp};
 
 use crate::auth::{token, Authenticator, Refusal, DEFAULT_COOKIE};
 
 /// Accepts HS256 JSON Web Tokens signed with a shared secret: the user is the
 /// `sub` claim, every claim goes to the policy as [`Identity::claims`], and
-/// `exp` is required and checked. The token comes from the `Authorization:
+/// `exp` is required and checked, at admission and while the session lives
+/// (it is the session's [`Identity::expires_at`]: closed `token_expired`
+/// unless a `refresh` frame brings a newer token). The token comes from the `Authorization:
 /// Bearer` header, the `token` query parameter or the `switchboard_token`
 /// cookie.
 #[derive(Clone)]
@@ -32,6 +34,9 @@ impl JwtAuthenticator {
     pub fn hs256(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // `exp` is enforced to the second while a session is open (closed
+        // `token_expired`), so admission uses the same moment: no leeway.
+        validation.leeway = 0;
         Self {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
@@ -86,7 +91,13 @@ impl JwtAuthenticator {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Refusal::forbidden("token has no `sub`"))?
             .to_owned();
-        Ok(Identity::new(user).with_claims(serde_json::Value::Object(data.claims)))
+        let exp = data.claims.get("exp").and_then(serde_json::Value::as_u64);
+        let identity = Identity::new(user).with_claims(serde_json::Value::Object(data.claims));
+        // The core's time is Unix milliseconds (the runtime's clock).
+        Ok(match exp {
+            Some(exp) => identity.with_expiry(Timestamp::from_millis(exp.saturating_mul(1000))),
+            None => identity,
+        })
     }
 }
 
@@ -96,6 +107,10 @@ impl Authenticator for JwtAuthenticator {
         let token =
             token(request, &self.cookie).ok_or_else(|| Refusal::forbidden("missing token"))?;
         self.verify(&token)
+    }
+
+    async fn authenticate_token(&self, token: &str) -> Result<Identity, Refusal> {
+        self.verify(token)
     }
 }
 
@@ -119,6 +134,11 @@ mod tests {
         let identity = auth.verify(&token).unwrap();
         assert_eq!(identity.user.as_str(), "alice");
         assert_eq!(identity.claims["role"], "admin");
+        let exp = identity.claims["exp"].as_u64().unwrap();
+        assert_eq!(
+            identity.expires_at,
+            Some(Timestamp::from_millis(exp * 1000))
+        );
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub slow_consumer_closes: u64,
     /// Sessions closed by the heartbeat.
     pub heartbeat_timeouts: u64,
+    /// Queued latest-value messages dropped, unsent, for a newer value of
+    /// their room and event (a slow subscriber of a latest-value room).
+    pub superseded: u64,
     /// Closed sessions by reason.
     pub closes: Vec<(CloseReason, u64)>,
 }
@@ -69,11 +72,17 @@ impl Metrics {
                 .collect(),
             slow_consumer_closes: stats.closes[CloseReason::SlowConsumer.index()],
             heartbeat_timeouts: stats.closes[CloseReason::HeartbeatTimeout.index()],
+            superseded: 0,
             closes: CloseReason::ALL
                 .iter()
                 .map(|r| (*r, stats.closes[r.index()]))
                 .collect(),
         }
+    }
+
+    pub(crate) fn with_superseded(mut self, superseded: u64) -> Self {
+        self.superseded = superseded;
+        self
     }
 
     /// The counters in Prometheus text exposition format.
@@ -133,6 +142,12 @@ impl Metrics {
             "counter",
             "Sessions closed by the heartbeat.",
             self.heartbeat_timeouts,
+        );
+        metric(
+            "superseded_total",
+            "counter",
+            "Queued latest-value messages replaced, unsent, by a newer value.",
+            self.superseded,
         );
         let _ = writeln!(out, "# HELP switchboard_errors_total Refused frames and connections by error code.\n# TYPE switchboard_errors_total counter");
         for (code, n) in &self.errors {

@@ -1,10 +1,10 @@
 //! Each session's bounded outbound queue.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use bytes::Bytes;
-use switchboard_core::{CloseReason, FrameKind};
+use switchboard_core::{CloseReason, FrameKind, LatestKey};
 use tokio::sync::Notify;
 
 /// One encoded server frame, shared by all its recipients: queueing it for a
@@ -15,6 +15,9 @@ pub struct OutFrame {
     pub bytes: Bytes,
     /// Its type (and, for a `message`, its room, seq and epoch).
     pub kind: FrameKind,
+    /// A latest-value message's key: it supersedes a queued, unsent frame
+    /// with the same key (see `switchboard_core::Delivery::latest`).
+    latest: Option<LatestKey>,
     /// A transport's own encoding of the frame (a WebSocket text frame),
     /// made by the first connection that writes it and shared by the rest.
     wire: OnceLock<Bytes>,
@@ -27,8 +30,17 @@ impl OutFrame {
         Self {
             bytes,
             kind,
+            latest: None,
             wire: OnceLock::new(),
         }
+    }
+
+    /// The same frame as the newest value of `latest`: queueing it drops a
+    /// queued, unsent frame with the same key.
+    #[must_use]
+    pub fn superseding(mut self, latest: Option<LatestKey>) -> Self {
+        self.latest = latest;
+        self
     }
 
     /// The frame as the transport puts it on the wire, encoded once for all
@@ -47,6 +59,14 @@ impl OutFrame {
 /// bound the session is closed as `slow_consumer`: what is queued is dropped
 /// (the client recovers through `since`) and only the `close` frame remains.
 ///
+/// A latest-value message ([`OutFrame::superseding`]) first drops the queued,
+/// unsent frame with its key, if there is one: a subscriber of a latest-value
+/// room that cannot keep up gets the newest value of each event instead of
+/// every one, and its queue holds at most one frame per room and event, so
+/// such traffic alone never overflows it. Frames without a key (messages of
+/// other rooms, never-coalesced events, everything else) are never dropped
+/// but by an overflow.
+///
 /// A transport that keeps frames after taking them, until the client
 /// acknowledges them (long-poll's resend buffer), takes them with
 /// [`Outbox::recv_held`] or [`Outbox::try_recv_held`]: their bytes keep
@@ -63,13 +83,61 @@ pub struct Outbox {
 
 #[derive(Debug, Default)]
 struct State {
-    frames: VecDeque<Arc<OutFrame>>,
+    /// Queued frames, oldest first; `None` where a superseded frame was
+    /// dropped (removing it would shift the positions in `latest`).
+    frames: VecDeque<Option<Arc<OutFrame>>>,
+    /// Position of `frames[0]` counted from the first frame ever queued.
+    front: u64,
+    /// The position of each queued latest-value frame, by key.
+    latest: HashMap<LatestKey, u64>,
+    /// The `None`s in `frames`.
+    dropped: usize,
     /// Bytes of `frames`.
     bytes: usize,
     /// Bytes of frames taken with `*_held` and not yet released.
     held: usize,
     overflowed: bool,
     closed: Option<CloseReason>,
+}
+
+impl State {
+    /// Forgets every queued frame.
+    fn clear(&mut self) {
+        self.front += self.frames.len() as u64;
+        self.frames.clear();
+        self.latest.clear();
+        self.dropped = 0;
+        self.bytes = 0;
+    }
+
+    /// Removes the gaps once they outnumber the frames, so a queue that keeps
+    /// superseding stays as long as what it holds (amortized O(1) a push).
+    fn compact(&mut self) {
+        if self.dropped < 32 || self.dropped * 2 < self.frames.len() {
+            return;
+        }
+        self.front += self.frames.len() as u64;
+        self.frames.retain(Option::is_some);
+        self.front -= self.frames.len() as u64;
+        self.dropped = 0;
+        let front = self.front;
+        for (at, frame) in self.frames.iter().enumerate() {
+            if let Some(key) = frame.as_ref().and_then(|f| f.latest.as_ref()) {
+                self.latest.insert(key.clone(), front + at as u64);
+            }
+        }
+    }
+}
+
+/// What [`Outbox::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued.
+    Queued,
+    /// Queued, and a queued frame it supersedes was dropped.
+    Superseded,
+    /// The queue overflowed: the caller closes the session as a slow consumer.
+    Overflowed,
 }
 
 /// What [`Outbox::recv`] found.
@@ -97,34 +165,52 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a frame; false when the queue overflowed (the caller closes the
-    /// session as a slow consumer). `close` frames are always accepted.
-    pub(crate) fn push(&self, frame: &Arc<OutFrame>) -> bool {
+    /// Queues a frame, first dropping the queued frame it supersedes. `close`
+    /// frames are always accepted.
+    pub(crate) fn push(&self, frame: &Arc<OutFrame>) -> Pushed {
         let mut state = self.lock();
         if state.closed.is_some() {
-            return true;
+            return Pushed::Queued;
         }
         let is_close = frame.kind == FrameKind::Close;
         if state.overflowed && !is_close {
-            return false;
+            return Pushed::Overflowed;
+        }
+        let mut pushed = Pushed::Queued;
+        if let Some(key) = &frame.latest {
+            if let Some(old) = state.latest.remove(key) {
+                let at = old
+                    .checked_sub(state.front)
+                    .and_then(|at| usize::try_from(at).ok())
+                    .unwrap_or(usize::MAX);
+                if let Some(gone) = state.frames.get_mut(at).and_then(Option::take) {
+                    state.bytes -= gone.bytes.len();
+                    state.dropped += 1;
+                    pushed = Pushed::Superseded;
+                }
+            }
         }
         let len = frame.bytes.len();
         if !is_close && state.bytes + state.held + len > self.max_bytes {
             state.overflowed = true;
-            state.frames.clear();
-            state.bytes = 0;
+            state.clear();
             // The transport drops its held frames when it sees `overflowed`.
             state.held = 0;
-            return false;
+            return Pushed::Overflowed;
         }
-        let was_empty = state.frames.is_empty();
+        let was_empty = state.frames.len() == state.dropped;
         state.bytes += len;
-        state.frames.push_back(Arc::clone(frame));
+        if let Some(key) = &frame.latest {
+            let at = state.front + state.frames.len() as u64;
+            state.latest.insert(key.clone(), at);
+        }
+        state.frames.push_back(Some(Arc::clone(frame)));
+        state.compact();
         drop(state);
         if was_empty {
             self.ready.notify_one();
         }
-        true
+        pushed
     }
 
     /// Marks the session over; the writer drains what is queued, then closes.
@@ -199,12 +285,12 @@ impl Outbox {
 
     fn take(&self, batch: &mut Vec<Arc<OutFrame>>, hold: bool) -> Option<Drained> {
         let mut state = self.lock();
-        let had = !state.frames.is_empty();
-        batch.extend(state.frames.drain(..));
+        let had = state.frames.len() > state.dropped;
+        batch.extend(state.frames.iter_mut().filter_map(Option::take));
         if hold {
             state.held += state.bytes;
         }
-        state.bytes = 0;
+        state.clear();
         match state.closed {
             Some(reason) => Some(Drained::Closed(reason)),
             None if had => Some(Drained::Frames),
@@ -259,12 +345,126 @@ mod tests {
         Arc::new(OutFrame::new(Bytes::from(vec![b' '; len]), kind))
     }
 
+    fn key(event: &str) -> LatestKey {
+        let room = switchboard_core::RoomName::new("progress").expect("a room name");
+        LatestKey::new(room, Some(event))
+    }
+
+    /// A 60-byte frame saying `text`, superseding others of `event` if given.
+    fn value(text: &str, event: Option<&str>) -> Arc<OutFrame> {
+        let bytes = Bytes::from(format!("{text:<60}"));
+        Arc::new(OutFrame::new(bytes, FrameKind::Direct).superseding(event.map(key)))
+    }
+
+    fn texts(batch: &[Arc<OutFrame>]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.bytes).trim_end().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_newer_value_drops_the_queued_one_of_its_key_and_goes_last() {
+        let outbox = Outbox::new(1000);
+        assert_eq!(outbox.push(&value("p1", Some("progress"))), Pushed::Queued);
+        assert_eq!(outbox.push(&value("stage1", Some("stage"))), Pushed::Queued);
+        assert_eq!(outbox.push(&value("done", None)), Pushed::Queued);
+        assert_eq!(
+            outbox.push(&value("p2", Some("progress"))),
+            Pushed::Superseded
+        );
+        assert_eq!(
+            outbox.queued_bytes(),
+            180,
+            "the dropped frame left the bound"
+        );
+        let mut batch = Vec::new();
+        assert_eq!(outbox.try_recv(&mut batch), Some(Drained::Frames));
+        assert_eq!(texts(&batch), ["stage1", "done", "p2"]);
+        // A taken frame is on its way: the next value does not replace it.
+        assert_eq!(outbox.push(&value("p3", Some("progress"))), Pushed::Queued);
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_a_latest_value_stream_is_never_overflowed() {
+        let outbox = Outbox::new(1000);
+        let events = ["progress", "stage", "eta"];
+        for n in 0..10_000 {
+            let event = events[n % 3];
+            let pushed = outbox.push(&value(&format!("{event}{n}"), Some(event)));
+            assert_ne!(pushed, Pushed::Overflowed, "push {n}");
+        }
+        assert_eq!(outbox.queued_bytes(), 180);
+        let mut batch = Vec::new();
+        outbox.try_recv(&mut batch);
+        assert_eq!(texts(&batch), ["stage9997", "eta9998", "progress9999"]);
+        assert!(!outbox.overflowed());
+    }
+
+    #[test]
+    fn frames_without_a_key_still_overflow() {
+        let outbox = Outbox::new(100);
+        assert_eq!(outbox.push(&value("p", Some("progress"))), Pushed::Queued);
+        assert_eq!(outbox.push(&value("done", None)), Pushed::Overflowed);
+        assert!(outbox.overflowed());
+    }
+
+    proptest::proptest! {
+        /// Pushes (of a few keys, or of frames without one) and reads in any
+        /// order: what the reader gets is in push order, holds every frame
+        /// without a key, and ends with the last value pushed of every key.
+        #[test]
+        fn a_reader_converges_on_the_last_value_of_every_key(
+            ops in proptest::collection::vec(proptest::option::of(0usize..4), 1..300),
+        ) {
+            let outbox = Outbox::new(1 << 20);
+            let events = ["a", "b", "c"];
+            let mut got = Vec::new();
+            let mut last: HashMap<&str, usize> = HashMap::new();
+            let mut keyless = Vec::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                match op {
+                    None => {
+                        outbox.try_recv(&mut got);
+                    }
+                    Some(3) => {
+                        keyless.push(n);
+                        outbox.push(&value(&format!("{n}"), None));
+                    }
+                    Some(e) => {
+                        last.insert(events[e], n);
+                        outbox.push(&value(&format!("{n}"), Some(events[e])));
+                    }
+                }
+            }
+            outbox.try_recv(&mut got);
+            let order: Vec<usize> = texts(&got).iter().map(|t| t.parse().expect("n")).collect();
+            proptest::prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "{:?}", order);
+            let got_keyless: Vec<usize> = got
+                .iter()
+                .zip(&order)
+                .filter(|(f, _)| f.latest.is_none())
+                .map(|(_, n)| *n)
+                .collect();
+            proptest::prop_assert_eq!(got_keyless, keyless);
+            let mut got_last: HashMap<&str, usize> = HashMap::new();
+            for (f, n) in got.iter().zip(&order) {
+                if let Some(key) = &f.latest {
+                    let event = events.iter().find(|e| Some(**e) == key.event()).expect("event");
+                    got_last.insert(event, *n);
+                }
+            }
+            proptest::prop_assert_eq!(got_last, last);
+            proptest::prop_assert_eq!(outbox.queued_bytes(), 0);
+        }
+    }
+
     #[test]
     fn drained_frames_leave_the_bound() {
         let outbox = Outbox::new(100);
         let mut batch = Vec::new();
         for _ in 0..10 {
-            assert!(outbox.push(&frame(60, FrameKind::Direct)));
+            assert_eq!(outbox.push(&frame(60, FrameKind::Direct)), Pushed::Queued);
             assert_eq!(outbox.try_recv(&mut batch), Some(Drained::Frames));
         }
         assert_eq!(outbox.queued_bytes(), 0);
@@ -275,15 +475,16 @@ mod tests {
     fn held_frames_count_against_the_bound_until_released() {
         let outbox = Outbox::new(100);
         let mut held = Vec::new();
-        assert!(outbox.push(&frame(60, FrameKind::Direct)));
+        assert_eq!(outbox.push(&frame(60, FrameKind::Direct)), Pushed::Queued);
         assert_eq!(outbox.try_recv_held(&mut held), Some(Drained::Frames));
         assert_eq!((outbox.queued_bytes(), outbox.held_bytes()), (0, 60));
         // 60 held + 30 queued fits; 10 more would not.
-        assert!(outbox.push(&frame(30, FrameKind::Direct)));
+        assert_eq!(outbox.push(&frame(30, FrameKind::Direct)), Pushed::Queued);
         outbox.release(60);
         assert_eq!(outbox.held_bytes(), 0);
-        assert!(
+        assert_eq!(
             outbox.push(&frame(60, FrameKind::Direct)),
+            Pushed::Queued,
             "released bytes are free"
         );
         assert!(!outbox.overflowed());
@@ -293,16 +494,20 @@ mod tests {
     fn never_releasing_overflows_and_drops_everything_but_close() {
         let outbox = Outbox::new(100);
         let mut held = Vec::new();
-        assert!(outbox.push(&frame(60, FrameKind::Direct)));
+        assert_eq!(outbox.push(&frame(60, FrameKind::Direct)), Pushed::Queued);
         outbox.try_recv_held(&mut held);
-        assert!(!outbox.push(&frame(60, FrameKind::Direct)));
+        assert_eq!(
+            outbox.push(&frame(60, FrameKind::Direct)),
+            Pushed::Overflowed
+        );
         assert!(outbox.overflowed());
         assert_eq!((outbox.queued_bytes(), outbox.held_bytes()), (0, 0));
-        assert!(
-            !outbox.push(&frame(1, FrameKind::Direct)),
+        assert_eq!(
+            outbox.push(&frame(1, FrameKind::Direct)),
+            Pushed::Overflowed,
             "closed to all but close"
         );
-        assert!(outbox.push(&frame(40, FrameKind::Close)));
+        assert_eq!(outbox.push(&frame(40, FrameKind::Close)), Pushed::Queued);
         outbox.close(CloseReason::SlowConsumer);
         let mut rest = Vec::new();
         assert_eq!(

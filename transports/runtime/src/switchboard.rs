@@ -8,9 +8,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use slotmap::SecondaryMap;
 use switchboard_core::{
-    CloseReason, Config, ErrorCode, Hub, Identity, Liveness, OpenPolicy, Output, Policy, Published,
-    RawValue, Recipient, RoomInfo, RoomName, Sequencing, SessionKey, Sid, Target, Timestamp,
-    UserId,
+    CloseReason, Config, ErrorCode, FrameError, Hub, Identity, Liveness, OpenPolicy, Output,
+    Policy, Published, RawValue, Recipient, Refresh, RoomInfo, RoomName, Sequencing, SessionKey,
+    Sid, Target, Timestamp, UserId,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use crate::clock::Clock;
 use crate::cluster::{self, MembershipQueue, Work};
 use crate::error::{Error, Kind};
 use crate::metrics::{Metrics, WireCounters};
-use crate::outbox::{OutFrame, Outbox};
+use crate::outbox::{OutFrame, Outbox, Pushed};
 
 /// Settings of the runtime itself (the core's limits are in [`Config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,8 +182,10 @@ impl Builder {
                 hub,
                 outboxes: SecondaryMap::new(),
                 overflowed: Vec::new(),
+                superseded: 0,
                 timer_armed: None,
                 work: Vec::new(),
+                refreshes: Vec::new(),
                 membership,
             }),
             broker,
@@ -257,10 +259,16 @@ pub(crate) struct Inner {
     pub(crate) hub: Hub,
     outboxes: SecondaryMap<SessionKey, Arc<Outbox>>,
     overflowed: Vec<SessionKey>,
+    /// Queued latest-value frames dropped for a newer one of their room and
+    /// event, since start.
+    superseded: u64,
     /// The deadline the timer task sleeps towards.
     timer_armed: Option<Timestamp>,
     /// Broker work the last input produced, for its caller to perform.
     work: Vec<Work>,
+    /// `refresh` frames waiting for the authenticator: only client frames
+    /// produce them, and [`Shared::handle_frame`] completes them.
+    refreshes: Vec<Refresh>,
     /// The membership changes for the broker (broker mode).
     membership: Option<MembershipQueue>,
 }
@@ -273,11 +281,16 @@ impl Inner {
             while let Some(output) = self.hub.poll_output() {
                 match output {
                     Output::Deliver(delivery) => {
-                        let frame = Arc::new(OutFrame::new(delivery.frame, delivery.kind));
+                        let frame = Arc::new(
+                            OutFrame::new(delivery.frame, delivery.kind)
+                                .superseding(delivery.latest),
+                        );
                         for key in delivery.to.iter() {
                             if let Some(outbox) = self.outboxes.get(key) {
-                                if !outbox.push(&frame) {
-                                    self.overflowed.push(key);
+                                match outbox.push(&frame) {
+                                    Pushed::Queued => {}
+                                    Pushed::Superseded => self.superseded += 1,
+                                    Pushed::Overflowed => self.overflowed.push(key),
                                 }
                             }
                         }
@@ -292,6 +305,7 @@ impl Inner {
                             self.work.extend(cluster::prepare(queue, request));
                         }
                     }
+                    Output::Refresh(refresh) => self.refreshes.push(refresh),
                     _ => {}
                 }
             }
@@ -360,6 +374,23 @@ impl Shared {
             // Boxed: the broker's futures are large, and every connection
             // task would otherwise carry their space even in one-node mode.
             Box::pin(cluster::execute(self, broker, work)).await;
+        }
+        self.complete_refreshes().await;
+    }
+
+    /// Checks the tokens of pending `refresh` frames with the authenticator
+    /// that admitted the sessions and reports the outcome to the core (which
+    /// keeps the session's user and answers `ack` or `forbidden`). Awaited by
+    /// the frame's session, so its next frame sees the new identity.
+    async fn complete_refreshes(self: &Arc<Self>) {
+        let pending = std::mem::take(&mut self.lock().refreshes);
+        for refresh in pending {
+            let result = self
+                .authenticator
+                .authenticate_token(refresh.token())
+                .await
+                .map_err(|refusal| FrameError::new(refusal.code, refusal.message));
+            self.run(|inner, now| inner.hub.complete_refresh(now, refresh, result));
         }
     }
 }
@@ -615,6 +646,7 @@ impl Switchboard {
             inner.hub.stats(),
             &self.shared.wire,
         )
+        .with_superseded(inner.superseded)
     }
 
     /// Stops accepting sessions, sends `close` 1001 to every session, lets
