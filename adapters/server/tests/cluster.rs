@@ -367,36 +367,47 @@ async fn ping_redis(port: u16) -> bool {
 /// connections it carries: stop forwarding in both directions while keeping
 /// the sockets open, as a dead host or a NAT that forgot the connection
 /// does (unlike a killed process, whose connections are refused or reset at
-/// once). Connections made after [`Proxy::blackhole`] are forwarded again.
-/// Its tasks end with the test's runtime.
+/// once). Connections made after a blackhole are forwarded again. Its tasks
+/// end with the test's runtime.
 struct Proxy {
     port: u16,
-    /// Connections numbered below this are blackholed.
-    dead_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    links: std::sync::Arc<Mutex<Vec<ProxyLink>>>,
+}
+
+/// One proxied connection's switches.
+#[derive(Clone, Default)]
+struct ProxyLink {
+    /// Swallow everything from now on.
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The node sent `SUBSCRIBE` on it: its pub/sub connection.
+    pubsub: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
     async fn start(to: u16) -> Self {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
+        use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .expect("bind the proxy");
         let port = listener.local_addr().expect("the proxy's address").port();
-        let dead_below = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let (dead, count) = (Arc::clone(&dead_below), Arc::clone(&next));
+        let links = std::sync::Arc::new(Mutex::new(Vec::<ProxyLink>::new()));
+        let all = std::sync::Arc::clone(&links);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let id = count.fetch_add(1, Ordering::SeqCst);
                 let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, to)).await else {
                     continue;
                 };
+                let link = ProxyLink::default();
+                all.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(link.clone());
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                for (from, to) in [(client_read, server_write), (server_read, client_write)] {
-                    let dead = Arc::clone(&dead);
+                for (upstream, (from, to)) in [
+                    (true, (client_read, server_write)),
+                    (false, (server_read, client_write)),
+                ] {
+                    let link = link.clone();
                     tokio::spawn(async move {
                         let (mut from, mut to) = (from, to);
                         let mut buf = vec![0u8; 16 * 1024];
@@ -405,7 +416,10 @@ impl Proxy {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => n,
                             };
-                            if id < dead.load(Ordering::SeqCst) {
+                            if upstream && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
+                                link.pubsub.store(true, Ordering::SeqCst);
+                            }
+                            if link.dead.load(Ordering::SeqCst) {
                                 // Blackholed: swallow everything, close nothing.
                                 let _keep_open = (from, to);
                                 std::future::pending::<()>().await;
@@ -419,22 +433,23 @@ impl Proxy {
                 }
             }
         });
-        Self {
-            port,
-            dead_below,
-            next,
-        }
+        Self { port, links }
     }
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Every connection open now goes silent for good (its sockets stay open).
-    fn blackhole(&self) {
+    /// Every connection open now (only pub/sub ones with `pubsub_only`) goes
+    /// silent for good; its sockets stay open.
+    fn blackhole(&self, pubsub_only: bool) {
         use std::sync::atomic::Ordering;
-        let open = self.next.load(Ordering::SeqCst);
-        self.dead_below.store(open, Ordering::SeqCst);
+        let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        for link in links.iter() {
+            if !pubsub_only || link.pubsub.load(Ordering::SeqCst) {
+                link.dead.store(true, Ordering::SeqCst);
+            }
+        }
     }
 }
 
@@ -776,7 +791,7 @@ impl Client {
     }
 
     /// The next `message` frames up to the one with seq `last`.
-    async fn messages_until_fence_or(&mut self, last: u64) -> Vec<Value> {
+    async fn messages_through(&mut self, last: u64) -> Vec<Value> {
         let mut messages = Vec::new();
         loop {
             let message = self.next_message().await;
@@ -2103,59 +2118,68 @@ async fn missed_messages(history: &str) {
 /// meanwhile, once, in order; publishes through node a work again.
 #[test]
 fn a_blackholed_redis_connection_is_noticed_and_caught_up() {
-    run(async {
-        let test = "blackhole";
-        let redis = Redis::start(test).await;
-        let proxy = Proxy::start(redis.port).await;
-        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
-        let mut b = Node::start(test, "b", &redis, &[]).await;
-        let mut ann = Client::connect(&a, "ann").await;
-        ann.join("room").await;
-        let mut bob = Client::connect(&b, "bob").await;
-        bob.join("room").await;
-        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+    run(blackholed("blackhole", false));
+}
 
-        proxy.blackhole();
-        for i in 4..=8 {
-            api_publish(&b, "room", json!({"i": i})).await;
-        }
-        let heard = bob.messages_until_fence_or(8).await;
-        assert_consecutive("bob", &heard, 4);
+/// As above with only node a's pub/sub connection blackholed: its commands
+/// still work, so only the PING on the subscriber connection can tell that
+/// node a went deaf.
+#[test]
+fn a_blackholed_pubsub_connection_is_noticed_and_caught_up() {
+    run(blackholed("blackhole-pubsub", true));
+}
 
-        // Node a publishes again once it has a live command connection.
-        within("a publish through node a to be accepted", async {
-            loop {
-                let (status, _) = http_post(
-                    a.port,
-                    "/api/publish",
-                    &json!({"room": "room", "data": {"from_a": true}}),
-                )
-                .await;
-                if status == 200 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+async fn blackholed(test: &str, pubsub_only: bool) {
+    let redis = Redis::start(test).await;
+    let proxy = Proxy::start(redis.port).await;
+    let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
+    let mut b = Node::start(test, "b", &redis, &[]).await;
+    let mut ann = Client::connect(&a, "ann").await;
+    ann.join("room").await;
+    let mut bob = Client::connect(&b, "bob").await;
+    bob.join("room").await;
+    publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+
+    proxy.blackhole(pubsub_only);
+    for i in 4..=8 {
+        api_publish(&b, "room", json!({"i": i})).await;
+    }
+    let heard = bob.messages_through(8).await;
+    assert_consecutive("bob", &heard, 4);
+
+    // Node a publishes again once it has a live command connection.
+    within("a publish through node a to be accepted", async {
+        loop {
+            let (status, _) = http_post(
+                a.port,
+                "/api/publish",
+                &json!({"room": "room", "data": {"from_a": true}}),
+            )
+            .await;
+            if status == 200 {
+                return;
             }
-        })
-        .await;
-        api_publish(&b, "room", json!({"fence": true})).await;
-        let messages = ann.messages_until_fence("room").await;
-        assert_consecutive("ann", &messages, 4);
-        assert!(
-            messages.iter().any(|m| m["data"]["from_a"] == true),
-            "ann: {messages:?}"
-        );
-        let resets: Vec<&Value> = ann
-            .pending
-            .iter()
-            .filter(|f| f["type"] == "joined")
-            .collect();
-        assert!(
-            resets.is_empty(),
-            "ann was caught up, not reset: {resets:?}"
-        );
-        ann.assert_no_more_messages().await;
-        a.assert_running();
-        b.assert_running();
-    });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    api_publish(&b, "room", json!({"fence": true})).await;
+    let messages = ann.messages_until_fence("room").await;
+    assert_consecutive("ann", &messages, 4);
+    assert!(
+        messages.iter().any(|m| m["data"]["from_a"] == true),
+        "ann: {messages:?}"
+    );
+    let resets: Vec<&Value> = ann
+        .pending
+        .iter()
+        .filter(|f| f["type"] == "joined")
+        .collect();
+    assert!(
+        resets.is_empty(),
+        "ann was caught up, not reset: {resets:?}"
+    );
+    ann.assert_no_more_messages().await;
+    a.assert_running();
+    b.assert_running();
 }
