@@ -57,6 +57,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 const PUBSUB_PING: Duration = Duration::from_secs(1);
 /// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 256;
+/// Rooms per pipeline when the runtime checks room positions.
+const POSITIONS_BATCH: usize = 256;
 
 /// Keys of one room, in one hash slot (`{room}`).
 fn room_key(room: &str, what: &str) -> String {
@@ -663,6 +665,34 @@ impl Broker for RedisBroker {
             .collect();
         frames.reverse();
         Ok(frames)
+    }
+
+    async fn positions(
+        &self,
+        rooms: &[RoomName],
+    ) -> Result<Vec<Option<(u64, Epoch)>>, BrokerError> {
+        let mut out = Vec::with_capacity(rooms.len());
+        // One round trip per batch; two GETs per room, each in its room's slot.
+        for batch in rooms.chunks(POSITIONS_BATCH) {
+            let mut pipe = redis::pipe();
+            for room in batch {
+                pipe.cmd("GET").arg(room_key(room.as_str(), "seq"));
+                pipe.cmd("GET").arg(room_key(room.as_str(), "epoch"));
+            }
+            let values: Vec<Option<String>> = self
+                .call(|mut con, _| async move { pipe.query_async(&mut con).await })
+                .await?;
+            for pair in values.chunks(2) {
+                out.push(match pair {
+                    [seq, Some(epoch)] => Some((
+                        seq.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
+                        Epoch::from(epoch.as_str()),
+                    )),
+                    _ => None,
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn presence_list(&self, room: &RoomName) -> Result<Vec<String>, BrokerError> {

@@ -2183,3 +2183,101 @@ async fn blackholed(test: &str, pubsub_only: bool) {
     a.assert_running();
     b.assert_running();
 }
+
+/// Does in Redis what a publish to `room` does, but for its fan-out: the
+/// next `seq`, and (with `kept`) the message in the room's history, as when
+/// the message was lost on its way to the nodes. Returns its seq.
+async fn lose_a_message(redis: &Redis, room: &str, kept: bool) -> u64 {
+    const LOST: &str = r#"
+local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[2])
+if ARGV[2] == '1' then
+  local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',"epoch":"' .. epoch .. '","from":{"server":true},"data":{"lost":true},"ts":1}'
+  redis.call('XADD', KEYS[3], seq .. '-0', 'f', frame)
+end
+return seq
+"#;
+    let (seq_key, epoch_key, log_key) = (
+        format!("sb:{{{room}}}:seq"),
+        format!("sb:{{{room}}}:epoch"),
+        format!("sb:{{{room}}}:log"),
+    );
+    let kept = if kept { "1" } else { "0" };
+    let args = [LOST, "3", &seq_key, &epoch_key, &log_key, room, kept];
+    let mut command = vec!["EVAL"];
+    command.extend(args);
+    u64::try_from(redis.int(&command).await).expect("a seq")
+}
+
+/// A message that never reached the nodes (in history, not fanned out) is
+/// followed by one that does: members on both nodes, seeing the seq jump,
+/// get the lost one first (their nodes catch the room up), not a silent
+/// hole; when the lost one is no longer kept, they get `joined` with
+/// `recovered: false` instead.
+#[test]
+fn a_seq_jump_on_the_live_stream_is_caught_up() {
+    run(async {
+        let test = "seq-jump";
+        let redis = Redis::start(test).await;
+        let mut a = Node::start(test, "a", &redis, &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        let epoch = publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+
+        assert_eq!(lose_a_message(&redis, "room", true).await, 4);
+        api_publish(&a, "room", json!({"fence": true})).await;
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence("room").await;
+            assert_consecutive(&client.user, &messages, 4);
+            assert_eq!(messages[0]["data"]["lost"], true, "{}", client.user);
+            assert_eq!(messages.len(), 2, "{}: {messages:?}", client.user);
+            assert_eq!(messages[0]["epoch"], epoch.as_str());
+            client.assert_no_more_messages().await;
+        }
+
+        // Lost for good (not in history): told, not papered over.
+        assert_eq!(lose_a_message(&redis, "room", false).await, 6);
+        api_publish(&b, "room", json!({"after": true})).await;
+        for client in [&mut ann, &mut bob] {
+            let reset = client
+                .wait_for("joined again", |f| {
+                    f["type"] == "joined" && f["room"] == "room"
+                })
+                .await;
+            assert_eq!(reset["recovered"], false, "{}: {reset}", client.user);
+            let silent: Vec<&Value> = client
+                .pending
+                .iter()
+                .filter(|f| f["type"] == "message" && seq(f) > 6)
+                .collect();
+            assert!(silent.is_empty(), "{}: {silent:?}", client.user);
+        }
+        a.assert_running();
+        b.assert_running();
+    });
+}
+
+/// The last message of a room is lost on its way to the nodes, and nothing
+/// follows it: the periodic position check finds the room behind Redis and
+/// catches it up, so the member gets it.
+#[test]
+fn a_room_that_went_quiet_after_a_loss_is_caught_up() {
+    run(async {
+        let test = "quiet-loss";
+        let redis = Redis::start(test).await;
+        let mut a = Node::start(test, "a", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        publish_first(&a, "room", 2, &mut [&mut ann]).await;
+
+        assert_eq!(lose_a_message(&redis, "room", true).await, 3);
+        let message = ann.next_message().await;
+        assert_eq!(seq(&message), 3, "{message}");
+        assert_eq!(message["data"]["lost"], true, "{message}");
+        ann.assert_no_more_messages().await;
+        a.assert_running();
+    });
+}

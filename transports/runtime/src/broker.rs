@@ -166,6 +166,12 @@ pub trait Broker: Send + Sync + 'static {
     /// cluster (or after its last message, if later).
     async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError>;
 
+    /// The latest `seq` and epoch of each room (`None`: the broker has no
+    /// state for it), in order, for the periodic check that catches a room
+    /// whose last messages never reached this node.
+    async fn positions(&self, rooms: &[RoomName])
+        -> Result<Vec<Option<(u64, Epoch)>>, BrokerError>;
+
     /// The room's last `limit` messages (encoded frames), oldest first.
     async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError>;
 

@@ -50,6 +50,9 @@ const RESYNC_PAUSES: [Duration; 3] = [
     Duration::from_millis(400),
 ];
 
+/// How often a node compares its rooms' positions with the broker's.
+const POSITION_CHECK: Duration = Duration::from_secs(5);
+
 type Waiter = oneshot::Sender<Result<(), BrokerError>>;
 
 /// What membership is made of, as the broker knows it.
@@ -749,6 +752,42 @@ pub(crate) async fn run_events(
                 tracing::info!(rooms, "catching up after a broker reconnect");
             }
         }
+    }
+}
+
+/// Every [`POSITION_CHECK`], asks the broker where this node's rooms are
+/// and lets the core catch up those that fell behind for good (their last
+/// messages lost on the way, with nothing after them to show the hole).
+pub(crate) async fn run_positions(shared: std::sync::Weak<Shared>, broker: Arc<dyn Broker>) {
+    let mut tick = tokio::time::interval(POSITION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(rooms) = shared
+            .upgrade()
+            .map(|shared| shared.run(|inner, _| inner.hub.broker_positions()))
+        else {
+            return;
+        };
+        if rooms.is_empty() {
+            continue;
+        }
+        let positions = match broker.positions(&rooms).await {
+            Ok(positions) if positions.len() == rooms.len() => positions,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot check room positions");
+                continue;
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.run(|inner, _| {
+            inner
+                .hub
+                .check_positions(rooms.into_iter().zip(positions).collect());
+        });
     }
 }
 

@@ -148,6 +148,10 @@ impl Builder {
             Arc::downgrade(&switchboard.shared),
             events_rx,
         ));
+        tokio::spawn(cluster::run_positions(
+            Arc::downgrade(&switchboard.shared),
+            Arc::clone(&broker),
+        ));
         Ok(switchboard)
     }
 
