@@ -76,18 +76,51 @@ fn channel_name(channel: &Channel) -> String {
 // Room keys, all in the room's hash slot: `seq`, `epoch`, `log` (the capped
 // stream of its history), `users` (user → how many nodes have them there),
 // `announce` (set while the room announces presence), `ttl` (its
-// `history_ttl` in ms, while it has users, for the reaper). A room's `seq`,
-// `epoch` and `log` never expire while `users` exists; they expire `ttl`
-// after the last user left (or after the last message, if later).
+// `history_ttl` in ms, while it has users, for the reaper), `run` (the run
+// id of the Redis that started or last checked the epoch). A room's `seq`,
+// `epoch`, `log` and `run` never expire while `users` exists; they expire
+// `ttl` after the last user left (or after the last message, if later).
+
+/// Prepended to every script that sets or reads a room's epoch or changes
+/// its TTL. `run` follows `epoch`'s TTL. `check_run` moves a room to a new
+/// epoch when its state was not written by this Redis run: a Redis that
+/// restarted from a snapshot (or a replica that took over) may have lost
+/// the latest messages, so the `seq` it goes on from could be handed out
+/// again in the same epoch; a new epoch makes that impossible (`seq` goes
+/// on counting, the kept history, of the old epoch, is dropped).
+const RUN_HELPERS: &str = r#"
+local function keep_run(epoch_key, run_key)
+  local ttl = redis.call('PTTL', epoch_key)
+  if ttl > 0 then
+    redis.call('PEXPIRE', run_key, ttl)
+  elseif ttl == -1 then
+    redis.call('PERSIST', run_key)
+  else
+    redis.call('DEL', run_key)
+  end
+end
+local function check_run(epoch_key, log_key, run_key, run, new_epoch)
+  local epoch = redis.call('GET', epoch_key)
+  if epoch and redis.call('GET', run_key) ~= run then
+    epoch = new_epoch
+    redis.call('SET', epoch_key, epoch, 'KEEPTTL')
+    redis.call('DEL', log_key)
+  end
+  if epoch then redis.call('SET', run_key, run) end
+  return epoch
+end
+"#;
 
 const PUBLISH: &str = r#"
--- KEYS: seq, epoch, log, users. ARGV: room, body, exclude, history, ttl_ms, new_epoch
-local epoch = redis.call('GET', KEYS[2])
+-- KEYS: seq, epoch, log, users, run.
+-- ARGV: room, body, exclude, history, ttl_ms, new_epoch, run id
+local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], ARGV[7], ARGV[6])
 if not epoch then
   epoch = ARGV[6]
   redis.call('SET', KEYS[2], epoch)
   redis.call('SET', KEYS[1], 0)
   redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[5], ARGV[7])
 end
 local seq = redis.call('INCR', KEYS[1])
 local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[2] .. '}'
@@ -104,20 +137,22 @@ else
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
+keep_run(KEYS[2], KEYS[5])
 redis.call('PUBLISH', 'sb:r:' .. ARGV[1], 'm|' .. seq .. '|' .. epoch .. '|' .. ARGV[3] .. '|' .. frame)
 return {seq, epoch}
 "#;
 
 const ROOM_STATE: &str = r#"
--- KEYS: seq, epoch, log, users.
--- ARGV: since_seq (-1: none), since_epoch, new_epoch, ttl_ms, resync (1/0)
+-- KEYS: seq, epoch, log, users, run.
+-- ARGV: since_seq (-1: none), since_epoch, new_epoch, ttl_ms, resync (1/0), run id
 local present = redis.call('EXISTS', KEYS[4]) == 1
-local epoch = redis.call('GET', KEYS[2])
+local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], ARGV[6], ARGV[3])
 if not epoch then
   epoch = ARGV[3]
   redis.call('SET', KEYS[2], epoch)
   redis.call('SET', KEYS[1], 0)
   redis.call('DEL', KEYS[3])
+  redis.call('SET', KEYS[5], ARGV[6])
   if not present then
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
     redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -127,6 +162,7 @@ elseif present then
   redis.call('PERSIST', KEYS[2])
   redis.call('PERSIST', KEYS[3])
 end
+keep_run(KEYS[2], KEYS[5])
 local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
 local users = redis.call('HLEN', KEYS[4])
 local since = tonumber(ARGV[1])
@@ -154,7 +190,8 @@ return {seq, epoch, users, 0}
 "#;
 
 const PRESENCE: &str = r#"
--- KEYS: room users, node presence, room announce, room ttl, room seq, room epoch, room log.
+-- KEYS: room users, node presence, room announce, room ttl, room seq, room epoch, room log,
+--       room run.
 -- ARGV: present (1/0), user, room, node field, subject sid, announce (1/0),
 --       quiet (1/0), ttl_ms
 -- Idempotent per node: the node's own hash says whether this node counts
@@ -189,6 +226,7 @@ else
   redis.call('PEXPIRE', KEYS[6], ARGV[8])
   redis.call('PEXPIRE', KEYS[7], ARGV[8])
 end
+keep_run(KEYS[6], KEYS[8])
 if changed and ARGV[6] == '1' and ARGV[7] ~= '1' and ((join and nodes == 1) or (not join and nodes <= 0)) then
   local action = 'join'
   if not join then action = 'leave' end
@@ -225,6 +263,7 @@ for i = 1, #entries, 2 do
       redis.call('PEXPIRE', prefix .. 'seq', ttl)
       redis.call('PEXPIRE', prefix .. 'epoch', ttl)
       redis.call('PEXPIRE', prefix .. 'log', ttl)
+      keep_run(prefix .. 'epoch', prefix .. 'run')
     end
   end
 end
@@ -308,10 +347,10 @@ impl RedisBroker {
                 started: OnceCell::new(),
                 sink: tokio::sync::Mutex::new(None),
                 wanted: Mutex::new(HashSet::new()),
-                publish: Script::new(PUBLISH),
-                room_state: Script::new(ROOM_STATE),
-                presence: Script::new(PRESENCE),
-                reap: Script::new(REAP),
+                publish: Script::new(&format!("{RUN_HELPERS}{PUBLISH}")),
+                room_state: Script::new(&format!("{RUN_HELPERS}{ROOM_STATE}")),
+                presence: Script::new(&format!("{RUN_HELPERS}{PRESENCE}")),
+                reap: Script::new(&format!("{RUN_HELPERS}{REAP}")),
             }),
         })
     }
@@ -457,6 +496,7 @@ impl RedisBroker {
                     .key(room_key(name, "epoch"))
                     .key(room_key(name, "log"))
                     .key(room_key(name, "users"))
+                    .key(room_key(name, "run"))
                     .arg(since_seq)
                     .arg(since.map_or("", |(_, epoch)| epoch))
                     .arg(new_epoch)
@@ -530,6 +570,7 @@ impl Broker for RedisBroker {
                     .key(room_key(room, "epoch"))
                     .key(room_key(room, "log"))
                     .key(room_key(room, "users"))
+                    .key(room_key(room, "run"))
                     .arg(room)
                     .arg(request.body)
                     .arg(request.exclude.map_or("", Sid::as_str))
@@ -629,6 +670,7 @@ impl Broker for RedisBroker {
                 .key(room_key(name, "seq"))
                 .key(room_key(name, "epoch"))
                 .key(room_key(name, "log"))
+                .key(room_key(name, "run"))
                 .arg(if update.present { "1" } else { "0" })
                 .arg(update.user.as_str())
                 .arg(name)

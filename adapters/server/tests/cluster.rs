@@ -2281,3 +2281,68 @@ fn a_room_that_went_quiet_after_a_loss_is_caught_up() {
         a.assert_running();
     });
 }
+
+/// Redis comes back from a snapshot older than the room's latest messages
+/// (`SAVE` at seq 3, seq 4 to 6 published after it, then SIGKILL and a
+/// restart that loads the snapshot): no later publish may get a seq of 4 to
+/// 6 again in the room's epoch, or a client that had them would take new
+/// messages for ones it has; the room moves to a new epoch (seq goes on from
+/// the snapshot's), and clients resuming from before or after the snapshot
+/// are told `recovered: false`.
+#[test]
+fn redis_restarted_with_older_data_never_reuses_a_seq_in_an_epoch() {
+    run(async {
+        let test = "older-data";
+        let mut redis = Redis::start(test).await;
+        let mut a = Node::start(test, "a", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let epoch = publish_first(&a, "room", 3, &mut [&mut ann]).await;
+        assert!(matches!(redis.command(&["SAVE"]).await, Resp::Simple(_)));
+        for i in 4..=6 {
+            api_publish(&a, "room", json!({"i": i})).await;
+        }
+        assert_consecutive("ann", &ann.messages_through(6).await, 4);
+        // Ann goes away having had seq 6 of `epoch`.
+        ann.close().await;
+
+        redis.restart().await;
+        assert_eq!(
+            redis.string(&["GET", "sb:{room}:seq"]).await.as_deref(),
+            Some("3"),
+            "the snapshot's state"
+        );
+        let answer = within("a publish once node a is back on Redis", async {
+            loop {
+                let (status, answer) =
+                    http_post(a.port, "/api/publish", &json!({"room": "room", "data": {}})).await;
+                if status == 200 {
+                    return answer;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_ne!(
+            answer["epoch"],
+            epoch.as_str(),
+            "seq {} again: {answer}",
+            answer["seq"]
+        );
+        let new_epoch = answer["epoch"].as_str().expect("epoch").to_owned();
+
+        for since in [6, 3] {
+            let mut back = Client::connect(&a, "ann").await;
+            let (replay, joined) = back.join_since("room", Some((since, &epoch))).await;
+            assert!(replay.is_empty(), "since {since}: {replay:?}");
+            assert_eq!(joined["recovered"], false, "since {since}: {joined}");
+            assert_eq!(
+                joined["epoch"],
+                new_epoch.as_str(),
+                "since {since}: {joined}"
+            );
+            back.close().await;
+        }
+        a.assert_running();
+    });
+}
