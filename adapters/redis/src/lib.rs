@@ -55,6 +55,9 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// connection, which TCP alone notices late or never), dropped and made
 /// again, and the node catches up.
 const PUBSUB_PING: Duration = Duration::from_secs(1);
+/// How long Redis remembers a publish's key (and its seq and epoch), so that
+/// a retry of it is not published twice.
+const PUBLISH_KEY_TTL: Duration = Duration::from_secs(60);
 /// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
 const SUBSCRIBE_BATCH: usize = 256;
 /// Rooms per pipeline when the runtime checks room positions.
@@ -112,8 +115,14 @@ end
 "#;
 
 const PUBLISH: &str = r#"
--- KEYS: seq, epoch, log, users, run.
--- ARGV: room, body, exclude, history, ttl_ms, new_epoch, run id
+-- KEYS: seq, epoch, log, users, run, this publish's key.
+-- ARGV: room, body, exclude, history, ttl_ms, new_epoch, run id, key ttl_ms
+local done = redis.call('GET', KEYS[6])
+if done then
+  -- Published already (a retry whose first try landed): its seq and epoch.
+  local sep = string.find(done, '|', 1, true)
+  return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1)}
+end
 local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], ARGV[7], ARGV[6])
 if not epoch then
   epoch = ARGV[6]
@@ -138,6 +147,7 @@ else
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
 keep_run(KEYS[2], KEYS[5])
+redis.call('SET', KEYS[6], seq .. '|' .. epoch, 'PX', ARGV[8])
 redis.call('PUBLISH', 'sb:r:' .. ARGV[1], 'm|' .. seq .. '|' .. epoch .. '|' .. ARGV[3] .. '|' .. frame)
 return {seq, epoch}
 "#;
@@ -383,14 +393,69 @@ impl RedisBroker {
         F: FnOnce(MultiplexedConnection, Arc<str>) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let link = self.link()?;
+        self.call_checked(f).await.map_err(|(e, _)| e)
+    }
+
+    /// As [`RedisBroker::call`]; the error also says whether the command
+    /// was sent and its answer lost (it may have taken effect).
+    async fn call_checked<T, F, Fut>(&self, f: F) -> Result<T, (BrokerError, bool)>
+    where
+        F: FnOnce(MultiplexedConnection, Arc<str>) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let link = self.link().map_err(|e| (e, false))?;
         let result = f(link.con.clone(), Arc::clone(&link.run_id)).await;
-        if let Err(e) = &result {
-            if e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error() {
-                self.drop_link(link.id, e);
+        result.map_err(|e| {
+            let lost = e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error();
+            if lost {
+                self.drop_link(link.id, &e);
             }
+            (err(e), lost)
+        })
+    }
+
+    /// Waits up to `limit` for a command connection; false if none came.
+    async fn wait_link(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            if self.link().is_ok() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        result.map_err(err)
+    }
+
+    /// One try of a publish; see [`Broker::publish`].
+    async fn publish_once(
+        &self,
+        request: &PublishRequest<'_>,
+    ) -> Result<(u64, String), (BrokerError, bool)> {
+        let room = request.room.as_str();
+        let done = room_key(room, &format!("pub:{}", request.key));
+        self.call_checked(|mut con, run_id| async move {
+            self.inner
+                .publish
+                .key(room_key(room, "seq"))
+                .key(room_key(room, "epoch"))
+                .key(room_key(room, "log"))
+                .key(room_key(room, "users"))
+                .key(room_key(room, "run"))
+                .key(done)
+                .arg(room)
+                .arg(request.body)
+                .arg(request.exclude.map_or("", Sid::as_str))
+                .arg(request.history)
+                .arg(millis(request.history_ttl))
+                .arg(request.new_epoch)
+                .arg(&*run_id)
+                .arg(millis(PUBLISH_KEY_TTL))
+                .invoke_async(&mut con)
+                .await
+        })
+        .await
     }
 
     fn link(&self) -> Result<Link, BrokerError> {
@@ -561,27 +626,22 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError> {
-        let room = request.room.as_str();
-        let (seq, epoch): (u64, String) = self
-            .call(|mut con, run_id| async move {
-                self.inner
-                    .publish
-                    .key(room_key(room, "seq"))
-                    .key(room_key(room, "epoch"))
-                    .key(room_key(room, "log"))
-                    .key(room_key(room, "users"))
-                    .key(room_key(room, "run"))
-                    .arg(room)
-                    .arg(request.body)
-                    .arg(request.exclude.map_or("", Sid::as_str))
-                    .arg(request.history)
-                    .arg(millis(request.history_ttl))
-                    .arg(request.new_epoch)
-                    .arg(&*run_id)
-                    .invoke_async(&mut con)
-                    .await
-            })
-            .await?;
+        let (seq, epoch) = match self.publish_once(&request).await {
+            Ok(done) => done,
+            Err((e, false)) => return Err(e),
+            // Sent, but its answer was lost (a timeout: a blackholed or
+            // dead connection): it may have been published. Tried once
+            // more on a new connection; its key makes that a no-op if the
+            // first try landed, which then answers with the first's seq.
+            Err((e, true)) => {
+                tracing::warn!(room = %request.room, error = %e,
+                    "a publish's answer was lost; trying again with its key");
+                if !self.wait_link(RESPONSE_TIMEOUT).await {
+                    return Err(e);
+                }
+                self.publish_once(&request).await.map_err(|(e, _)| e)?
+            }
+        };
         Ok((seq, Epoch::from(epoch)))
     }
 

@@ -140,6 +140,19 @@ impl Node {
     }
 
     async fn publish(&self, room: &RoomName, history: usize, ttl: Duration) -> (u64, String) {
+        static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let key = KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish_keyed(room, history, ttl, &key.to_string())
+            .await
+    }
+
+    async fn publish_keyed(
+        &self,
+        room: &RoomName,
+        history: usize,
+        ttl: Duration,
+        key: &str,
+    ) -> (u64, String) {
         let request = PublishRequest {
             room,
             body: r#""data":null"#,
@@ -147,6 +160,7 @@ impl Node {
             history,
             history_ttl: ttl,
             new_epoch: "fresh",
+            key,
         };
         let (seq, epoch) = within("a publish", self.broker.publish(request))
             .await
@@ -366,5 +380,45 @@ fn a_resync_without_history_draws_an_epoch_only_after_a_miss() {
         let state = a.resync(&bare, (1, &epoch), "after-a-miss").await;
         assert_eq!(state.epoch.as_str(), "after-a-miss");
         assert!(state.replay.is_none());
+    });
+}
+
+/// A publish sent again with the same key (a retry whose first try
+/// landed) is not published again: the same seq and epoch, one message in
+/// history, one fan-out; another key is a new message.
+#[test]
+fn a_publish_with_a_key_already_used_is_not_published_again() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start(&redis).await;
+        let lobby = room("lobby");
+        within("a subscription", async {
+            // The pub/sub connection comes up a moment after start.
+            while a
+                .broker
+                .subscribe(&Channel::Room(lobby.clone()))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let first = a.publish_keyed(&lobby, 10, TTL, "k1").await;
+        assert_eq!(a.publish_keyed(&lobby, 10, TTL, "k1").await, first);
+        assert_eq!(first.0, 1);
+        assert_eq!(a.publish_keyed(&lobby, 10, TTL, "k2").await.0, 2);
+        let kept: i64 = redis.query(&["XLEN", "sb:{lobby}:log"]).await;
+        assert_eq!(kept, 2);
+        let mut seqs = Vec::new();
+        while seqs.len() < 2 {
+            match within("a fan-out", a.events.recv()).await {
+                Some(BrokerEvent::Message { seq, .. }) => seqs.push(seq),
+                Some(_) => {}
+                None => panic!("the broker stopped"),
+            }
+        }
+        assert_eq!(seqs, [1, 2]);
+        assert!(a.events.try_recv().is_err(), "one fan-out per message");
     });
 }

@@ -381,6 +381,8 @@ struct ProxyLink {
     dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The node sent `SUBSCRIBE` on it: its pub/sub connection.
     pubsub: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Forward the node's commands but swallow Redis's answers.
+    mute: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -419,7 +421,9 @@ impl Proxy {
                             if upstream && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
                                 link.pubsub.store(true, Ordering::SeqCst);
                             }
-                            if link.dead.load(Ordering::SeqCst) {
+                            if link.dead.load(Ordering::SeqCst)
+                                || (!upstream && link.mute.load(Ordering::SeqCst))
+                            {
                                 // Blackholed: swallow everything, close nothing.
                                 let _keep_open = (from, to);
                                 std::future::pending::<()>().await;
@@ -438,6 +442,18 @@ impl Proxy {
 
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The command connections open now still carry the node's commands to
+    /// Redis, which runs them, but its answers are swallowed from now on.
+    fn mute_commands(&self) {
+        use std::sync::atomic::Ordering;
+        let links = self.links.lock().unwrap_or_else(PoisonError::into_inner);
+        for link in links.iter() {
+            if !link.pubsub.load(Ordering::SeqCst) {
+                link.mute.store(true, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Every connection open now (only pub/sub ones with `pubsub_only`) goes
@@ -2344,5 +2360,57 @@ fn redis_restarted_with_older_data_never_reuses_a_seq_in_an_epoch() {
             back.close().await;
         }
         a.assert_running();
+    });
+}
+
+/// Redis runs a publish from node a but its answer never comes back (the
+/// command connection goes silent after the request went through). Node a
+/// tries it again on a new connection with the publish's key, which Redis
+/// remembers, so the message is published once and the publisher gets its
+/// `ack`; a client that retried whatever `unavailable` it got would have
+/// published it twice before.
+#[test]
+fn a_publish_whose_answer_was_lost_is_not_duplicated() {
+    run(async {
+        let test = "lost-answer";
+        let redis = Redis::start(test).await;
+        let proxy = Proxy::start(redis.port).await;
+        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+
+        proxy.mute_commands();
+        // A client that tries again after `unavailable`, as switchboard.js
+        // and the jobs example do.
+        let mut refused = Vec::new();
+        for attempt in 0.. {
+            let id = format!("once-{attempt}");
+            ann.publish("room", &id, json!({"once": true})).await;
+            let answer = ann.answer(&id).await;
+            if answer["type"] == "ack" {
+                break;
+            }
+            assert_eq!(answer["code"], "unavailable", "{answer}");
+            refused.push(answer);
+            assert!(refused.len() < 20, "never accepted: {refused:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        api_publish(&b, "room", json!({"fence": true})).await;
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence("room").await;
+            assert_consecutive(&client.user, &messages, 4);
+            let once = messages
+                .iter()
+                .filter(|m| m["data"]["once"] == true)
+                .count();
+            assert_eq!(once, 1, "{}: {messages:?}", client.user);
+        }
+        assert!(refused.is_empty(), "told unavailable: {refused:?}");
+        a.assert_running();
+        b.assert_running();
     });
 }

@@ -71,6 +71,11 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
+    /// This publish's idempotency key (random, drawn by the runtime): a
+    /// broker that retries a publish whose answer was lost uses it to
+    /// publish it at most once, and answers the retry with the first
+    /// try's `seq` and `epoch`.
+    pub key: &'a str,
 }
 
 /// A presence change for the broker to record ([`Broker::presence`]).
@@ -109,7 +114,10 @@ pub trait Broker: Send + Sync + 'static {
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError>;
 
     /// Sequences a room message and fans it out to every subscribed node
-    /// (this one included). Returns its `seq` and `epoch`.
+    /// (this one included). Returns its `seq` and `epoch`. An error means
+    /// it was not published, or, when the broker stopped answering
+    /// mid-publish and a retry with [`PublishRequest::key`] failed too,
+    /// that it may have been (members then get it as usual).
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError>;
 
     /// The room's latest seq and epoch (starting its history with `new_epoch`

@@ -613,6 +613,7 @@ async fn perform(
             reply,
         } => {
             let epoch = new_epoch();
+            let key = new_epoch();
             let result = broker
                 .publish(PublishRequest {
                     room: &room,
@@ -621,6 +622,7 @@ async fn perform(
                     history,
                     history_ttl,
                     new_epoch: &epoch,
+                    key: &key,
                 })
                 .await;
             if let Err(e) = &result {

@@ -500,6 +500,7 @@ impl Switchboard {
             .prepare_publish(now, &room, event, data)
             .map_err(|e| Error::new(Kind::Publish(e)))?;
         let epoch = cluster::new_epoch();
+        let key = cluster::new_epoch();
         let (seq, epoch) = broker
             .publish(PublishRequest {
                 room: &prepared.room,
@@ -508,6 +509,7 @@ impl Switchboard {
                 history: prepared.history,
                 history_ttl: prepared.history_ttl,
                 new_epoch: &epoch,
+                key: &key,
             })
             .await
             .map_err(|e| Error::new(Kind::Unavailable(e.0)))?;
