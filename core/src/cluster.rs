@@ -221,6 +221,9 @@ pub struct Resync {
     /// One note per user with a session in the room on this node, to record
     /// again.
     pub present: Vec<PresenceNote>,
+    /// Record `present` with join announcements (the broker took this node
+    /// for dead and announced its users' leaves), not quietly.
+    pub announce: bool,
 }
 
 /// A live message held while its room catches up.
@@ -748,6 +751,7 @@ impl Hub {
             since: Some((r.position(), r.epoch.clone())),
             history_ttl: r.options.history_ttl,
             present: Vec::new(),
+            announce: false,
         };
         self.request(BrokerRequest::Resync(resync));
     }
@@ -801,6 +805,19 @@ impl Hub {
     /// messages and must catch up. Queues one [`BrokerRequest::Resync`] per
     /// such room (in [`Hub::poll_output`]); returns how many.
     pub fn begin_resync(&mut self) -> usize {
+        self.resync_rooms(false)
+    }
+
+    /// After the broker took this node for dead while it was alive (paused,
+    /// or cut off longer than its TTL), removed its presence and announced
+    /// its users' leaves: as [`Hub::begin_resync`], and presence is recorded
+    /// again *with* join announcements, so counts and member lists heal on
+    /// every node.
+    pub fn begin_rejoin(&mut self) -> usize {
+        self.resync_rooms(true)
+    }
+
+    fn resync_rooms(&mut self, announce: bool) -> usize {
         let mut requests = Vec::new();
         for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
             r.resync_buffer.get_or_insert_with(Vec::new);
@@ -824,6 +841,7 @@ impl Hub {
                 since: (!r.epoch.as_str().is_empty()).then(|| (r.position(), r.epoch.clone())),
                 history_ttl: r.options.history_ttl,
                 present,
+                announce,
             });
         }
         let count = requests.len();
@@ -1322,8 +1340,15 @@ mod tests {
             hub.complete_join(NOW, reply, answer(0));
         }
         let _still_joining = join(&mut hub, bob);
+        // Taken for dead: the same, announced.
+        hub.begin_rejoin();
+        let rejoin = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(rejoin.announce);
+        assert_eq!(rejoin.present.len(), 2);
+        hub.complete_resync(NOW, &rejoin.room, Err(()));
         hub.begin_resync();
         let resync = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(!resync.announce);
         let mut users: Vec<&str> = resync.present.iter().map(|n| n.user.as_str()).collect();
         users.sort_unstable();
         assert_eq!(users, ["ann", "bob"]);

@@ -45,7 +45,8 @@ use tokio::sync::{mpsc, OnceCell};
 /// A node whose "alive" key is this old is dead; its presence is removed.
 /// It refreshes the key (and looks for dead nodes) three times per TTL.
 const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);
-/// A reaped room's history TTL when its own is not recorded (the policy default).
+/// A reaped room's history TTL when its own is shorter or not recorded (the
+/// policy default): the reaped node may be alive and come back.
 const DEFAULT_HISTORY_TTL: Duration = Duration::from_secs(300);
 /// How long one Redis command (or connection attempt) may take before it
 /// fails; a connection whose command timed out is dropped and made again.
@@ -268,7 +269,10 @@ for i = 1, #entries, 2 do
       redis.call('PUBLISH', 'sb:r:' .. room, 'p||' .. frame)
     end
     if count == 0 then
-      local ttl = redis.call('GET', prefix .. 'ttl') or ARGV[2]
+      -- At least ARGV[2]: the node may be alive (paused, cut off) with
+      -- members still connected, and will record them again when it is
+      -- back; the room's history must outlive that.
+      local ttl = math.max(tonumber(redis.call('GET', prefix .. 'ttl') or ARGV[2]), tonumber(ARGV[2]))
       redis.call('DEL', prefix .. 'announce', prefix .. 'ttl')
       redis.call('PEXPIRE', prefix .. 'seq', ttl)
       redis.call('PEXPIRE', prefix .. 'epoch', ttl)
@@ -620,8 +624,8 @@ impl Broker for RedisBroker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(link);
         let _ = self.inner.started.set(());
+        tokio::spawn(run_node_heartbeat(self.clone(), events.clone()));
         tokio::spawn(run_pubsub(self.clone(), events));
-        tokio::spawn(run_node_heartbeat(self.clone()));
         Ok(())
     }
 
@@ -1037,18 +1041,23 @@ fn rand_u8() -> u8 {
 
 /// Refreshes this node's "alive" key and removes the presence of nodes whose
 /// key expired.
-async fn run_node_heartbeat(broker: RedisBroker) {
+async fn run_node_heartbeat(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
     let mut tick = tokio::time::interval(broker.inner.node_ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The Redis run of the last heartbeat that landed.
+    let mut last_run: Option<Arc<str>> = None;
     loop {
         tick.tick().await;
+        if events.is_closed() {
+            return;
+        }
         let node = broker.inner.node.clone();
         let ttl = millis(broker.inner.node_ttl);
         let alive = broker
-            .call(|mut con, _| {
+            .call(|mut con, run_id| {
                 let node = node.clone();
                 async move {
-                    redis::pipe()
+                    let (added,): (i64,) = redis::pipe()
                         .cmd("SET")
                         .arg(RedisBroker::node_alive_key(&node))
                         .arg(1)
@@ -1058,15 +1067,27 @@ async fn run_node_heartbeat(broker: RedisBroker) {
                         .cmd("SADD")
                         .arg("sb:nodes")
                         .arg(&node)
-                        .ignore()
-                        .query_async::<()>(&mut con)
-                        .await
+                        .query_async(&mut con)
+                        .await?;
+                    Ok((added, run_id))
                 }
             })
             .await;
-        if alive.is_err() {
+        let Ok((added, run)) = alive else {
             continue;
+        };
+        // Back in the node set of the same Redis it was in: another node
+        // reaped this one (the reap takes it out atomically with its
+        // presence, and only once its alive key expired), so its users'
+        // leaves were announced while they are still here. (A Redis that
+        // restarted empty is a reconnect, which records presence again.)
+        if added == 1 && last_run.as_deref() == Some(&*run) {
+            tracing::warn!("this node was taken for dead (paused or cut off past its TTL)");
+            if events.send(BrokerEvent::Reaped).await.is_err() {
+                return;
+            }
         }
+        last_run = Some(run);
         let Ok(nodes) = broker
             .call(|mut con, _| async move {
                 redis::cmd("SMEMBERS")

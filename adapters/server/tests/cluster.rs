@@ -2414,3 +2414,54 @@ fn a_publish_whose_answer_was_lost_is_not_duplicated() {
         b.assert_running();
     });
 }
+
+/// Node a is paused (SIGSTOP) past its TTL and past the rooms' history TTL,
+/// so node b takes it for dead: ann's leave is announced and her rooms are
+/// left to expire. When node a resumes it notices it was reaped and records
+/// its presence again with join announcements, so bob sees ann join and the
+/// member list heals; "solo", whose only member (ann) sat on node a all
+/// along, kept its history: it goes on in its epoch, and a client resuming
+/// it recovers.
+#[test]
+fn a_node_taken_for_dead_while_alive_records_its_presence_again() {
+    run(async {
+        let test = "reaped-alive";
+        let redis = Redis::start(test).await;
+        let args = ["--redis-node-ttl-ms", "1000", "--history-ttl-secs", "1"];
+        let mut a = Node::start(test, "a", &redis, &args).await;
+        let mut b = Node::start(test, "b", &redis, &args).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("hall").await;
+        ann.join("solo").await;
+        let epoch = publish_first(&a, "solo", 3, &mut [&mut ann]).await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("hall").await;
+        assert_presence(&ann.next_presence("hall").await, "join", "bob", 2, "ann");
+
+        a.signal("STOP");
+        let left = bob.next_presence("hall").await;
+        assert_presence(&left, "leave", "ann", 1, "bob");
+        // Past the history TTL of the rooms node b emptied.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        a.signal("CONT");
+
+        let back = bob.next_presence("hall").await;
+        assert_presence(&back, "join", "ann", 2, "bob");
+        bob.wait_for_members("hall", &["ann", "bob"]).await;
+
+        api_publish(&b, "solo", json!({"after": "pause"})).await;
+        let message = ann
+            .wait_for("the message after the pause", |f| {
+                f["type"] == "message" && f["data"]["after"] == "pause"
+            })
+            .await;
+        assert_eq!(message["epoch"], epoch.as_str(), "{message}");
+        assert_eq!(seq(&message), 4, "{message}");
+        let mut late = Client::connect(&b, "late").await;
+        let (replay, joined) = late.join_since("solo", Some((3, &epoch))).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_consecutive("late", &replay, 4);
+        a.assert_running();
+        b.assert_running();
+    });
+}

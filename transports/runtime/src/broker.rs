@@ -51,6 +51,11 @@ pub enum BrokerEvent {
     /// The connection to the broker came back after a loss: messages may
     /// have been missed meanwhile, so rooms must be brought up to date.
     Reconnected,
+    /// The cluster took this node for dead while it was alive (paused or
+    /// cut off longer than its TTL) and removed its presence, announcing
+    /// its users' leaves: presence must be recorded again, announced, and
+    /// rooms brought up to date.
+    Reaped,
 }
 
 pub use switchboard_core::{Channel, Recipient as DirectTo, RoomSync as RoomState};

@@ -143,6 +143,15 @@ impl Change {
         }
     }
 
+    /// Presence recorded again, announced, after the cluster took this
+    /// node for dead and announced its users' leaves.
+    fn announced(room: &RoomName, note: PresenceNote) -> Self {
+        Self {
+            force: true,
+            ..Self::presence(room, note, true)
+        }
+    }
+
     /// Presence recorded again after a reconnect.
     fn again(room: &RoomName, note: PresenceNote) -> Self {
         Self {
@@ -472,7 +481,11 @@ pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option
         }
         BrokerRequest::Resync(ref resync) => {
             for note in &resync.present {
-                queue.set(Change::again(&resync.room, note.clone()));
+                if resync.announce {
+                    queue.set(Change::announced(&resync.room, note.clone()));
+                } else {
+                    queue.set(Change::again(&resync.room, note.clone()));
+                }
             }
             queue.retry_now();
             // Catch up once the presence is recorded again (joined.members).
@@ -752,6 +765,13 @@ pub(crate) async fn run_events(
                 // new epoch); the work runs in a task of its own.
                 let rooms = shared.run(|inner, _| inner.hub.begin_resync());
                 tracing::info!(rooms, "catching up after a broker reconnect");
+            }
+            BrokerEvent::Reaped => {
+                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin());
+                tracing::warn!(
+                    rooms,
+                    "the cluster took this node for dead; recording its presence again"
+                );
             }
         }
     }
