@@ -372,6 +372,8 @@ async fn ping_redis(port: u16) -> bool {
 struct Proxy {
     port: u16,
     links: std::sync::Arc<Mutex<Vec<ProxyLink>>>,
+    /// Hold what the node sends on pub/sub connections (until cleared).
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One proxied connection's switches.
@@ -394,6 +396,8 @@ impl Proxy {
         let port = listener.local_addr().expect("the proxy's address").port();
         let links = std::sync::Arc::new(Mutex::new(Vec::<ProxyLink>::new()));
         let all = std::sync::Arc::clone(&links);
+        let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = std::sync::Arc::clone(&stall);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, to)).await else {
@@ -410,6 +414,7 @@ impl Proxy {
                     (false, (server_read, client_write)),
                 ] {
                     let link = link.clone();
+                    let stalled = std::sync::Arc::clone(&stalled);
                     tokio::spawn(async move {
                         let (mut from, mut to) = (from, to);
                         let mut buf = vec![0u8; 16 * 1024];
@@ -420,6 +425,12 @@ impl Proxy {
                             };
                             if upstream && buf[..n].windows(9).any(|w| w == b"SUBSCRIBE") {
                                 link.pubsub.store(true, Ordering::SeqCst);
+                            }
+                            while upstream
+                                && stalled.load(Ordering::SeqCst)
+                                && link.pubsub.load(Ordering::SeqCst)
+                            {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
                             }
                             if link.dead.load(Ordering::SeqCst)
                                 || (!upstream && link.mute.load(Ordering::SeqCst))
@@ -437,7 +448,13 @@ impl Proxy {
                 }
             }
         });
-        Self { port, links }
+        Self { port, links, stall }
+    }
+
+    /// While on, what nodes send on their pub/sub connections (`SUBSCRIBE`)
+    /// is held, and sent on once it is off: a slow subscribe.
+    fn stall_pubsub(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn url(&self) -> String {
@@ -2461,6 +2478,62 @@ fn a_node_taken_for_dead_while_alive_records_its_presence_again() {
         let (replay, joined) = late.join_since("solo", Some((3, &epoch))).await;
         assert_eq!(joined["recovered"], true, "{joined}");
         assert_consecutive("late", &replay, 4);
+        a.assert_running();
+        b.assert_running();
+    });
+}
+
+/// Ann's first tab joins a room new to node a, whose subscribe is slow (the
+/// proxy holds it); her second tab joins meanwhile, and node b publishes
+/// three messages before the subscribe lands. The second join must wait for
+/// the subscription too: had it read the room's position before (seq 2),
+/// the three messages, which node a never hears, would be missing from
+/// what it delivers after `joined`. Both tabs get `joined` at seq 5, then
+/// the next message.
+#[test]
+fn a_second_tab_joining_during_the_first_tabs_subscribe_waits_for_it() {
+    run(async {
+        let test = "second-tab";
+        let redis = Redis::start(test).await;
+        let proxy = Proxy::start(redis.port).await;
+        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+        let mut tab1 = Client::connect(&a, "ann").await;
+        let mut tab2 = Client::connect(&a, "ann").await;
+        // Once this join is answered, node a's pub/sub connection has sent
+        // its SUBSCRIBEs (the tabs' own channels, this room).
+        tab1.join("warmup").await;
+        api_publish(&b, "room", json!({"i": 1})).await;
+        api_publish(&b, "room", json!({"i": 2})).await;
+
+        proxy.stall_pubsub(true);
+        tab1.send(json!({"type": "join", "room": "room", "id": "j1"}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tab2.send(json!({"type": "join", "room": "room", "id": "j2"}))
+            .await;
+        // Time for a join that does not wait to read the position (seq 2).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for i in 3..=5 {
+            api_publish(&b, "room", json!({"i": i})).await;
+        }
+        proxy.stall_pubsub(false);
+
+        for (tab, id) in [(&mut tab1, "j1"), (&mut tab2, "j2")] {
+            let answer = tab.answer(id).await;
+            assert_eq!(answer["type"], "ack", "{id}: {answer}");
+            let joined = tab
+                .wait_for("joined", |f| f["type"] == "joined" && f["room"] == "room")
+                .await;
+            assert_eq!(joined["seq"], 5, "{id}: {joined}");
+        }
+        api_publish(&b, "room", json!({"fence": true})).await;
+        for tab in [&mut tab1, &mut tab2] {
+            let messages = tab.messages_until_fence("room").await;
+            assert_consecutive("ann", &messages, 6);
+            assert_eq!(messages.len(), 1, "{messages:?}");
+            tab.assert_no_more_messages().await;
+        }
         a.assert_running();
         b.assert_running();
     });
