@@ -16,10 +16,10 @@
 //!
 //! After the broker connection comes back ([`Hub::begin_resync`]), each room
 //! with members here records their presence again and catches up with what
-//! it missed; when that cannot be replayed, the broker moves the room to a
-//! new epoch (one for the whole cluster) and the room's members here are
-//! told with an unasked `joined` carrying `recovered: false`, never left
-//! with a silent hole.
+//! it missed; when that cannot be replayed, the room's members here are
+//! told with an unasked `joined` carrying `recovered: false` at the room's
+//! position, never left with a silent hole (members on other nodes, which
+//! missed nothing, are not).
 
 use std::time::Duration;
 
@@ -855,7 +855,7 @@ impl Hub {
     /// missed, then the messages held meanwhile.
     ///
     /// When the broker could not replay it (`replay: None`: the history was
-    /// trimmed, or lost, and the broker started a new epoch) or could not be
+    /// trimmed, or lost and the broker started a new epoch) or could not be
     /// asked (`Err`), the room's live members are sent `joined` again with
     /// `recovered: false` (and the broker's position, when known), exactly
     /// what a client that reconnects with a stale `since` gets, instead of a

@@ -21,8 +21,9 @@
 //! - **Redis going away** fails publishes with an error at once (nothing is
 //!   queued), leaves local sessions connected, and reconnects with backoff;
 //!   after a reconnect the runtime records its presence again and brings its
-//!   rooms up to date, and a room whose missed messages are no longer kept
-//!   moves to a new epoch, drawn once in Redis for every node.
+//!   rooms up to date; a node whose missed messages are no longer kept
+//!   tells its own members (`recovered: false`), and the room keeps its
+//!   epoch and history for everyone else.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -189,10 +190,13 @@ if since < seq then
     return out
   end
 end
-if ARGV[5] == '1' then
-  -- A node that delivered up to `since` in this epoch missed what it can no
-  -- longer replay: a new epoch for the whole room, so that every client sees
-  -- recovered:false instead of a hole. The kept history is the old epoch's.
+-- A node that missed what is no longer kept tells its own members
+-- (recovered:false at this position); the room, its other nodes' members
+-- and the history away clients may still recover are left alone.
+if ARGV[5] == '1' and since > seq then
+  -- The node delivered messages this Redis no longer has: their seqs could
+  -- be handed out again, so a new epoch for the whole room. The kept
+  -- history is the old epoch's.
   epoch = ARGV[3]
   redis.call('SET', KEYS[2], epoch, 'KEEPTTL')
   redis.call('DEL', KEYS[3])

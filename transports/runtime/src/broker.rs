@@ -135,16 +135,18 @@ pub trait Broker: Send + Sync + 'static {
         history_ttl: Duration,
     ) -> Result<RoomState, BrokerError>;
 
-    /// As [`Broker::room_state`], for a node catching up after a reconnect
-    /// with `since` = the last message it delivered. When `since` is in the
-    /// room's current epoch but what followed it cannot be replayed (no
-    /// longer kept, or `since` is ahead of the room), the node's members
-    /// have a hole: the room moves to `new_epoch`, atomically and for every
-    /// node (its kept history, which belongs to the old epoch, is dropped;
-    /// `seq` goes on counting), and the answer carries it with `replay:
-    /// None`. Nodes that come later with a `since` of the old epoch find the
-    /// new one and move to it, so one new epoch is drawn however many nodes
-    /// missed the same messages.
+    /// As [`Broker::room_state`], for a node catching up (after a
+    /// reconnect, or a hole in its live stream) with `since` = the last
+    /// message it delivered. When what followed `since` is no longer kept,
+    /// the answer has `replay: None` and the room's position, and nothing
+    /// changes in the broker: the loss is this node's, whose members are
+    /// told; other nodes' members and the history away clients may still
+    /// recover are left alone. Only when `since` is ahead of the room in its
+    /// epoch (the broker lost messages this node delivered, whose seqs it
+    /// could hand out again) does the room move to `new_epoch`, atomically
+    /// and for every node (`seq` goes on counting, the old epoch's history
+    /// is dropped); nodes that come later find that epoch rather than
+    /// drawing their own.
     async fn resync_state(
         &self,
         room: &RoomName,
