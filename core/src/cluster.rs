@@ -16,10 +16,10 @@
 //!
 //! After the broker connection comes back ([`Hub::begin_resync`]), each room
 //! with members here records their presence again and catches up with what
-//! it missed; when that cannot be replayed, the broker moves the room to a
-//! new epoch (one for the whole cluster) and the room's members here are
-//! told with an unasked `joined` carrying `recovered: false`, never left
-//! with a silent hole.
+//! it missed; when that cannot be replayed, the room's members here are
+//! told with an unasked `joined` carrying `recovered: false` at the room's
+//! position, never left with a silent hole (members on other nodes, which
+//! missed nothing, are not).
 
 use std::time::Duration;
 
@@ -221,6 +221,9 @@ pub struct Resync {
     /// One note per user with a session in the room on this node, to record
     /// again.
     pub present: Vec<PresenceNote>,
+    /// Record `present` with join announcements (the broker took this node
+    /// for dead and announced its users' leaves), not quietly.
+    pub announce: bool,
 }
 
 /// A live message held while its room catches up.
@@ -518,6 +521,9 @@ impl Hub {
             r.live_after.clear();
             r.epoch = sync.epoch.clone();
             r.seq = 0;
+            // Subscribed before the broker was asked: everything after
+            // `sync.seq` comes live.
+            r.covered = sync.seq;
         }
         if r.epoch == sync.epoch && sync.seq > r.seq {
             r.live_after.insert(key, sync.seq);
@@ -631,17 +637,44 @@ impl Hub {
         let Some(rid) = self.room_index.get(room).copied() else {
             return;
         };
+        self.accept_live(rid, seq, epoch, frame, exclude);
+    }
+
+    /// A live message for room `rid`: held while the room catches up;
+    /// a `seq` that skips some in the room's epoch (messages lost on the
+    /// way) starts a catch-up for the room instead of being delivered over
+    /// a hole; else delivered.
+    fn accept_live(
+        &mut self,
+        rid: RoomId,
+        seq: u64,
+        epoch: &Epoch,
+        frame: Bytes,
+        exclude: Option<&Sid>,
+    ) {
         let r = &mut self.rooms[rid];
-        if let Some(held) = r.resync_buffer.as_mut() {
-            held.push(Held {
-                seq,
-                epoch: epoch.clone(),
-                frame,
-                exclude: exclude.cloned(),
-            });
+        let held = Held {
+            seq,
+            epoch: epoch.clone(),
+            frame,
+            exclude: exclude.cloned(),
+        };
+        if let Some(buffer) = r.resync_buffer.as_mut() {
+            buffer.push(held);
             return;
         }
-        self.deliver_live(rid, seq, epoch, frame, exclude);
+        if r.epoch == *epoch && !epoch.as_str().is_empty() && seq > r.position() + 1 {
+            r.resync_buffer = Some(vec![held]);
+            self.catch_up(rid);
+            return;
+        }
+        let Held {
+            seq,
+            epoch,
+            frame,
+            exclude,
+        } = held;
+        self.deliver_live(rid, seq, &epoch, frame, exclude.as_ref());
     }
 
     fn deliver_live(
@@ -664,6 +697,7 @@ impl Hub {
             r.history.clear();
             r.live_after.clear(); // a new epoch is news to every member
             r.epoch = epoch.clone();
+            r.covered = 0;
         }
         r.seq = seq;
         let cap = r.options.history.max(MIN_RECENT);
@@ -706,10 +740,84 @@ impl Hub {
         self.deliver(recipients, frame, FrameKind::Direct);
     }
 
+    /// Room `rid` (already holding its live messages) asks the broker for
+    /// what came after its position, as after a reconnect but without
+    /// recording presence again.
+    fn catch_up(&mut self, rid: RoomId) {
+        let r = &mut self.rooms[rid];
+        r.suspect = None;
+        let resync = Resync {
+            room: r.name.clone(),
+            since: Some((r.position(), r.epoch.clone())),
+            history_ttl: r.options.history_ttl,
+            present: Vec::new(),
+            announce: false,
+        };
+        self.request(BrokerRequest::Resync(resync));
+    }
+
+    /// The rooms whose position the broker should be asked for
+    /// ([`Hub::check_positions`]): those with members here, a known epoch,
+    /// and no catch-up under way.
+    #[must_use]
+    pub fn broker_positions(&self) -> Vec<RoomName> {
+        self.rooms
+            .values()
+            .filter(|r| {
+                !r.members.is_empty() && r.resync_buffer.is_none() && !r.epoch.as_str().is_empty()
+            })
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// The broker's positions (latest `seq` and epoch, `None` when it has no
+    /// state for the room) of rooms from [`Hub::broker_positions`]. A room
+    /// that went quiet after its last messages were lost on the way is
+    /// behind the broker for good: a room found behind twice in a row, the
+    /// second time still short of where the broker was the first time (so
+    /// not merely a message still on its way), catches up as if it had seen
+    /// a hole.
+    pub fn check_positions(&mut self, positions: Vec<(RoomName, Option<(u64, Epoch)>)>) {
+        for (room, broker) in positions {
+            let Some(rid) = self.room_index.get(room.as_str()).copied() else {
+                continue;
+            };
+            let r = &mut self.rooms[rid];
+            if r.resync_buffer.is_some() || r.members.is_empty() {
+                continue;
+            }
+            let broker = broker.unwrap_or_else(|| (0, Epoch::from("")));
+            if !r.behind(&broker) {
+                r.suspect = None;
+                continue;
+            }
+            match r.suspect.take() {
+                Some(before) if r.behind(&before) => {
+                    r.resync_buffer = Some(Vec::new());
+                    self.catch_up(rid);
+                }
+                _ => r.suspect = Some(broker),
+            }
+        }
+    }
+
     /// After a broker reconnect: every room with members here holds its live
     /// messages and must catch up. Queues one [`BrokerRequest::Resync`] per
     /// such room (in [`Hub::poll_output`]); returns how many.
     pub fn begin_resync(&mut self) -> usize {
+        self.resync_rooms(false)
+    }
+
+    /// After the broker took this node for dead while it was alive (paused,
+    /// or cut off longer than its TTL), removed its presence and announced
+    /// its users' leaves: as [`Hub::begin_resync`], and presence is recorded
+    /// again *with* join announcements, so counts and member lists heal on
+    /// every node.
+    pub fn begin_rejoin(&mut self) -> usize {
+        self.resync_rooms(true)
+    }
+
+    fn resync_rooms(&mut self, announce: bool) -> usize {
         let mut requests = Vec::new();
         for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
             r.resync_buffer.get_or_insert_with(Vec::new);
@@ -730,9 +838,10 @@ impl Hub {
             }
             requests.push(Resync {
                 room: r.name.clone(),
-                since: (!r.epoch.as_str().is_empty()).then(|| (r.seq, r.epoch.clone())),
+                since: (!r.epoch.as_str().is_empty()).then(|| (r.position(), r.epoch.clone())),
                 history_ttl: r.options.history_ttl,
                 present,
+                announce,
             });
         }
         let count = requests.len();
@@ -746,7 +855,7 @@ impl Hub {
     /// missed, then the messages held meanwhile.
     ///
     /// When the broker could not replay it (`replay: None`: the history was
-    /// trimmed, or lost, and the broker started a new epoch) or could not be
+    /// trimmed, or lost and the broker started a new epoch) or could not be
     /// asked (`Err`), the room's live members are sent `joined` again with
     /// `recovered: false` (and the broker's position, when known), exactly
     /// what a client that reconnects with a stale `since` gets, instead of a
@@ -784,6 +893,7 @@ impl Hub {
                 }
                 r.epoch = sync.epoch.clone();
                 r.seq = sync.seq;
+                r.covered = 0;
                 let members = r.options.presence.then_some(sync.users);
                 self.tell_reset(rid, members);
                 position = Some((sync.seq, sync.epoch));
@@ -798,7 +908,9 @@ impl Hub {
                 .as_ref()
                 .is_some_and(|(seq, epoch)| h.epoch != *epoch && h.seq <= *seq);
             if !stale {
-                self.deliver_live(rid, h.seq, &h.epoch, h.frame, h.exclude.as_ref());
+                // A hole among them starts another catch-up, which holds
+                // the rest.
+                self.accept_live(rid, h.seq, &h.epoch, h.frame, h.exclude.as_ref());
             }
         }
     }
@@ -1008,6 +1120,61 @@ mod tests {
         assert_eq!(seqs(&mut hub, &[old, new]), [vec![2, 3, 4], vec![4]]);
     }
 
+    /// A `seq` that skips one on the live stream is not delivered over the
+    /// hole: the room catches up from the last one delivered, and the
+    /// member gets the missing message, then the held one.
+    #[test]
+    fn a_seq_jump_catches_the_room_up() {
+        let mut hub = hub();
+        let old = connect(&mut hub, "old");
+        let reply = join(&mut hub, old);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        assert_eq!(seqs(&mut hub, &[old]), [vec![1]]);
+        fan_out(&mut hub, 3);
+        let asked = resyncs(&mut hub);
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].since, Some((1, Epoch::from("E"))));
+        assert!(
+            asked[0].present.is_empty(),
+            "presence is not recorded again"
+        );
+        fan_out(&mut hub, 4); // held meanwhile
+        let missing = Bytes::from_static(br#"{"type":"message","seq":2}"#);
+        let sync = RoomSync {
+            replay: Some(vec![(2, missing)]),
+            ..answer(2).expect("an answer")
+        };
+        hub.complete_resync(NOW, &RoomName::new("r").expect("a room"), Ok(sync));
+        assert_eq!(seqs(&mut hub, &[old]), [vec![2, 3, 4]]);
+    }
+
+    /// A room behind the broker at two position checks in a row, still
+    /// short of where the broker was at the first, catches up; one whose
+    /// message was merely on its way when the first check ran does not.
+    #[test]
+    fn a_room_behind_at_two_position_checks_catches_up() {
+        let mut hub = hub();
+        let old = connect(&mut hub, "old");
+        let reply = join(&mut hub, old);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        let r = || RoomName::new("r").expect("a room");
+        assert_eq!(hub.broker_positions(), [r()]);
+        let at = |seq| vec![(r(), Some((seq, Epoch::from("E"))))];
+        hub.check_positions(at(2));
+        fan_out(&mut hub, 2); // it was on its way
+        hub.check_positions(at(2));
+        assert!(resyncs(&mut hub).is_empty());
+        hub.check_positions(at(3));
+        assert!(resyncs(&mut hub).is_empty(), "one look is not enough");
+        hub.check_positions(at(3));
+        let asked = resyncs(&mut hub);
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].since, Some((2, Epoch::from("E"))));
+        assert!(hub.broker_positions().is_empty(), "catching up");
+    }
+
     /// Two joins of a room new to the node, answered out of order: each
     /// joiner gets exactly what follows its own `joined`, once.
     #[test]
@@ -1173,8 +1340,15 @@ mod tests {
             hub.complete_join(NOW, reply, answer(0));
         }
         let _still_joining = join(&mut hub, bob);
+        // Taken for dead: the same, announced.
+        hub.begin_rejoin();
+        let rejoin = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(rejoin.announce);
+        assert_eq!(rejoin.present.len(), 2);
+        hub.complete_resync(NOW, &rejoin.room, Err(()));
         hub.begin_resync();
         let resync = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(!resync.announce);
         let mut users: Vec<&str> = resync.present.iter().map(|n| n.user.as_str()).collect();
         users.sort_unstable();
         assert_eq!(users, ["ann", "bob"]);

@@ -21,6 +21,13 @@ pub(crate) struct Room {
     pub(crate) epoch: Epoch,
     /// The latest `seq` published; 0 before the first message.
     pub(crate) seq: u64,
+    /// Broker mode: a position in `epoch` the node's live stream is known
+    /// to cover from (a join's, when the room started here): messages after
+    /// `seq.max(covered)` must come in order, one by one, or some were lost.
+    pub(crate) covered: u64,
+    /// Broker mode: where the broker was when the last position check found
+    /// the room behind it ([`crate::Hub::check_positions`]).
+    pub(crate) suspect: Option<(u64, Epoch)>,
     pub(crate) options: RoomOptions,
     /// Members and whether each wants presence events.
     pub(crate) members: IndexMap<SessionKey, bool, HashState>,
@@ -69,6 +76,8 @@ impl Room {
             name,
             epoch,
             seq: 0,
+            covered: 0,
+            suspect: None,
             options,
             members: IndexMap::with_hasher(hash.clone()),
             users: HashMap::with_hasher(hash.clone()),
@@ -83,6 +92,18 @@ impl Room {
             live_after: HashMap::with_hasher(hash.clone()),
             resync_buffer: None,
         }
+    }
+
+    /// Broker mode: the position in `epoch` up to which the room's members
+    /// have what they are owed (what a catch-up starts after).
+    pub(crate) fn position(&self) -> u64 {
+        self.seq.max(self.covered)
+    }
+
+    /// Broker mode: whether the broker at `(seq, epoch)` has messages (or
+    /// an epoch) this room's members were not given.
+    pub(crate) fn behind(&self, (seq, epoch): &(u64, Epoch)) -> bool {
+        self.epoch != *epoch || self.position() < *seq
     }
 
     /// Adds a member; returns true when it is the user's first session here.

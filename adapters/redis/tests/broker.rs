@@ -140,6 +140,19 @@ impl Node {
     }
 
     async fn publish(&self, room: &RoomName, history: usize, ttl: Duration) -> (u64, String) {
+        static KEYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let key = KEYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.publish_keyed(room, history, ttl, &key.to_string())
+            .await
+    }
+
+    async fn publish_keyed(
+        &self,
+        room: &RoomName,
+        history: usize,
+        ttl: Duration,
+        key: &str,
+    ) -> (u64, String) {
         let request = PublishRequest {
             room,
             body: r#""data":null"#,
@@ -147,6 +160,7 @@ impl Node {
             history,
             history_ttl: ttl,
             new_epoch: "fresh",
+            key,
         };
         let (seq, epoch) = within("a publish", self.broker.publish(request))
             .await
@@ -296,12 +310,14 @@ fn room_state_expires_only_once_the_room_has_no_user() {
     });
 }
 
-/// A node catching up from a position whose successors are no longer kept
-/// moves the room to a new epoch in Redis; a second node that missed the
-/// same messages finds that epoch rather than drawing its own, and a
-/// client's join from the old position (not a resync) draws none.
+/// A node's resync from a position whose following messages are no longer
+/// kept answers `replay: None` at the room's position, and changes nothing
+/// in Redis: the room keeps its epoch and its history (the loss is that
+/// node's, which tells its own members). Only a node ahead of the room
+/// (Redis lost messages it had delivered) moves it to a new epoch, one for
+/// every node.
 #[test]
-fn a_resync_that_cannot_replay_draws_one_epoch_for_every_node() {
+fn a_resync_that_cannot_replay_leaves_the_room_alone() {
     run(async {
         let redis = Redis::start().await;
         let a = Node::start(&redis).await;
@@ -317,43 +333,31 @@ fn a_resync_that_cannot_replay_draws_one_epoch_for_every_node() {
         assert_eq!(state.epoch.as_str(), first);
         assert_eq!(state.replay.as_ref().map(Vec::len), Some(2));
 
-        // A client's join from a trimmed position: recovered false, no new epoch.
-        let join = a
-            .broker
-            .room_state(&lobby, Some((1, &first)), "not-this", TTL)
-            .await
-            .expect("the room's state");
-        assert!(join.replay.is_none());
-        assert_eq!(join.epoch.as_str(), first);
-
-        // A node's resync from a trimmed position: a new epoch, seq goes on.
+        // From a trimmed position: not replayed, nothing changes in Redis.
         let state = a.resync(&lobby, (1, &first), "second").await;
         assert!(state.replay.is_none());
-        assert_eq!(state.epoch.as_str(), "second");
-        assert_eq!(state.seq, 6);
+        assert_eq!((state.seq, state.epoch.as_str()), (6, first.as_str()));
         let stored: String = redis.query(&["GET", "sb:{lobby}:epoch"]).await;
-        assert_eq!(stored, "second");
-        // The other node, from the same old position: the same new epoch.
-        let state = b.resync(&lobby, (1, &first), "third").await;
-        assert!(state.replay.is_none());
-        assert_eq!(state.epoch.as_str(), "second");
-        // The next message is in it, after the old seqs.
-        assert_eq!(a.publish(&lobby, 2, TTL).await, (7, "second".to_owned()));
-        // A node that is ahead of the room (Redis lost messages it had
-        // delivered) also moves it on.
-        let state = b.resync(&lobby, (9, "second"), "fourth").await;
+        assert_eq!(stored, first);
+        let kept: i64 = redis.query(&["XLEN", "sb:{lobby}:log"]).await;
+        assert_eq!(kept, 2, "the history away clients may still recover");
+        assert_eq!(a.publish(&lobby, 2, TTL).await, (7, first.clone()));
+        // A node that is ahead of the room moves it on, once for every node.
+        let state = b.resync(&lobby, (9, &first), "fourth").await;
+        assert_eq!(state.epoch.as_str(), "fourth");
+        let state = a.resync(&lobby, (9, &first), "fifth").await;
         assert_eq!(state.epoch.as_str(), "fourth");
         // Up to date: nothing changes.
-        let state = b.resync(&lobby, (7, "fourth"), "fifth").await;
+        let state = b.resync(&lobby, (7, "fourth"), "sixth").await;
         assert_eq!(state.epoch.as_str(), "fourth");
         assert_eq!(state.replay.map(|r| r.len()), Some(0));
     });
 }
 
 /// With history 0 nothing can be replayed: a node that missed any message
-/// moves the room to a new epoch; one that missed nothing does not.
+/// gets `replay: None`; the room keeps its epoch either way.
 #[test]
-fn a_resync_without_history_draws_an_epoch_only_after_a_miss() {
+fn a_resync_without_history_replays_only_an_empty_gap() {
     run(async {
         let redis = Redis::start().await;
         let a = Node::start(&redis).await;
@@ -363,8 +367,48 @@ fn a_resync_without_history_draws_an_epoch_only_after_a_miss() {
         assert_eq!(state.epoch.as_str(), epoch);
         assert!(state.replay.is_some());
         a.publish(&bare, 0, TTL).await;
-        let state = a.resync(&bare, (1, &epoch), "after-a-miss").await;
-        assert_eq!(state.epoch.as_str(), "after-a-miss");
+        let state = a.resync(&bare, (1, &epoch), "unused-too").await;
+        assert_eq!(state.epoch.as_str(), epoch);
         assert!(state.replay.is_none());
+    });
+}
+
+/// A publish sent again with the same key (a retry whose first try
+/// landed) is not published again: the same seq and epoch, one message in
+/// history, one fan-out; another key is a new message.
+#[test]
+fn a_publish_with_a_key_already_used_is_not_published_again() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start(&redis).await;
+        let lobby = room("lobby");
+        within("a subscription", async {
+            // The pub/sub connection comes up a moment after start.
+            while a
+                .broker
+                .subscribe(&Channel::Room(lobby.clone()))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let first = a.publish_keyed(&lobby, 10, TTL, "k1").await;
+        assert_eq!(a.publish_keyed(&lobby, 10, TTL, "k1").await, first);
+        assert_eq!(first.0, 1);
+        assert_eq!(a.publish_keyed(&lobby, 10, TTL, "k2").await.0, 2);
+        let kept: i64 = redis.query(&["XLEN", "sb:{lobby}:log"]).await;
+        assert_eq!(kept, 2);
+        let mut seqs = Vec::new();
+        while seqs.len() < 2 {
+            match within("a fan-out", a.events.recv()).await {
+                Some(BrokerEvent::Message { seq, .. }) => seqs.push(seq),
+                Some(_) => {}
+                None => panic!("the broker stopped"),
+            }
+        }
+        assert_eq!(seqs, [1, 2]);
+        assert!(a.events.try_recv().is_err(), "one fan-out per message");
     });
 }

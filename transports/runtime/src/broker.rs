@@ -51,6 +51,11 @@ pub enum BrokerEvent {
     /// The connection to the broker came back after a loss: messages may
     /// have been missed meanwhile, so rooms must be brought up to date.
     Reconnected,
+    /// The cluster took this node for dead while it was alive (paused or
+    /// cut off longer than its TTL) and removed its presence, announcing
+    /// its users' leaves: presence must be recorded again, announced, and
+    /// rooms brought up to date.
+    Reaped,
 }
 
 pub use switchboard_core::{Channel, Recipient as DirectTo, RoomSync as RoomState};
@@ -71,6 +76,11 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
+    /// This publish's idempotency key (random, drawn by the runtime): a
+    /// broker that retries a publish whose answer was lost uses it to
+    /// publish it at most once, and answers the retry with the first
+    /// try's `seq` and `epoch`.
+    pub key: &'a str,
 }
 
 /// A presence change for the broker to record ([`Broker::presence`]).
@@ -109,7 +119,10 @@ pub trait Broker: Send + Sync + 'static {
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError>;
 
     /// Sequences a room message and fans it out to every subscribed node
-    /// (this one included). Returns its `seq` and `epoch`.
+    /// (this one included). Returns its `seq` and `epoch`. An error means
+    /// it was not published, or, when the broker stopped answering
+    /// mid-publish and a retry with [`PublishRequest::key`] failed too,
+    /// that it may have been (members then get it as usual).
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError>;
 
     /// The room's latest seq and epoch (starting its history with `new_epoch`
@@ -122,16 +135,18 @@ pub trait Broker: Send + Sync + 'static {
         history_ttl: Duration,
     ) -> Result<RoomState, BrokerError>;
 
-    /// As [`Broker::room_state`], for a node catching up after a reconnect
-    /// with `since` = the last message it delivered. When `since` is in the
-    /// room's current epoch but what followed it cannot be replayed (no
-    /// longer kept, or `since` is ahead of the room), the node's members
-    /// have a hole: the room moves to `new_epoch`, atomically and for every
-    /// node (its kept history, which belongs to the old epoch, is dropped;
-    /// `seq` goes on counting), and the answer carries it with `replay:
-    /// None`. Nodes that come later with a `since` of the old epoch find the
-    /// new one and move to it, so one new epoch is drawn however many nodes
-    /// missed the same messages.
+    /// As [`Broker::room_state`], for a node catching up (after a
+    /// reconnect, or a hole in its live stream) with `since` = the last
+    /// message it delivered. When what followed `since` is no longer kept,
+    /// the answer has `replay: None` and the room's position, and nothing
+    /// changes in the broker: the loss is this node's, whose members are
+    /// told; other nodes' members and the history away clients may still
+    /// recover are left alone. Only when `since` is ahead of the room in its
+    /// epoch (the broker lost messages this node delivered, whose seqs it
+    /// could hand out again) does the room move to `new_epoch`, atomically
+    /// and for every node (`seq` goes on counting, the old epoch's history
+    /// is dropped); nodes that come later find that epoch rather than
+    /// drawing their own.
     async fn resync_state(
         &self,
         room: &RoomName,
@@ -165,6 +180,12 @@ pub trait Broker: Send + Sync + 'static {
     /// user in it; they expire `history_ttl` after its last user left the
     /// cluster (or after its last message, if later).
     async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError>;
+
+    /// The latest `seq` and epoch of each room (`None`: the broker has no
+    /// state for it), in order, for the periodic check that catches a room
+    /// whose last messages never reached this node.
+    async fn positions(&self, rooms: &[RoomName])
+        -> Result<Vec<Option<(u64, Epoch)>>, BrokerError>;
 
     /// The room's last `limit` messages (encoded frames), oldest first.
     async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError>;

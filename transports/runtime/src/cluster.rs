@@ -50,6 +50,9 @@ const RESYNC_PAUSES: [Duration; 3] = [
     Duration::from_millis(400),
 ];
 
+/// How often a node compares its rooms' positions with the broker's.
+const POSITION_CHECK: Duration = Duration::from_secs(5);
+
 type Waiter = oneshot::Sender<Result<(), BrokerError>>;
 
 /// What membership is made of, as the broker knows it.
@@ -137,6 +140,15 @@ impl Change {
             note: Some(note),
             quiet: false,
             force: false,
+        }
+    }
+
+    /// Presence recorded again, announced, after the cluster took this
+    /// node for dead and announced its users' leaves.
+    fn announced(room: &RoomName, note: PresenceNote) -> Self {
+        Self {
+            force: true,
+            ..Self::presence(room, note, true)
         }
     }
 
@@ -270,6 +282,15 @@ impl State {
         }
     }
 
+    /// A waiter told once the broker is at `on` for `key`: now if nothing
+    /// for it is pending or under way, else when that lands.
+    fn wait_settled(&mut self, key: &Key, on: bool, waiter: Waiter) {
+        match self.pending.get_mut(key) {
+            Some(entry) if entry.on == on => entry.waiters.push(waiter),
+            _ => self.settled(key, on, Some(waiter)),
+        }
+    }
+
     fn barrier(&mut self) -> oneshot::Receiver<Result<(), BrokerError>> {
         let (tx, rx) = oneshot::channel();
         self.order.push_back(Slot::Barrier(tx));
@@ -399,6 +420,14 @@ impl MembershipQueue {
         rx
     }
 
+    /// Resolved once the broker is at `on` for `key` (at once if nothing
+    /// for it waits), without asking for a change.
+    fn settled(&self, key: Key, on: bool) -> oneshot::Receiver<Result<(), BrokerError>> {
+        let (tx, rx) = oneshot::channel();
+        self.0.lock().wait_settled(&key, on, tx);
+        rx
+    }
+
     /// Resolved once everything queued so far was performed (or failed).
     fn barrier(&self) -> oneshot::Receiver<Result<(), BrokerError>> {
         let rx = self.0.lock().barrier();
@@ -437,10 +466,18 @@ pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option
             ref presence,
             ..
         } => {
-            let mut waits = Vec::new();
-            if subscribe {
-                waits.push(queue.wait(Change::channel(Channel::Room(room.clone()), true)));
-            }
+            // Every join waits for the room's subscription, not only the
+            // one that asked for it: a second member (another tab of the
+            // same user, say) joining while the first one's subscribe is
+            // under way must not read a room position the subscription
+            // does not cover yet, or what is published in between never
+            // reaches it.
+            let channel = Channel::Room(room.clone());
+            let mut waits = vec![if subscribe {
+                queue.wait(Change::channel(channel, true))
+            } else {
+                queue.settled(Key::Channel(channel), true)
+            }];
             if let Some(note) = presence {
                 waits.push(queue.wait(Change::presence(room, note.clone(), true)));
             }
@@ -469,7 +506,11 @@ pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option
         }
         BrokerRequest::Resync(ref resync) => {
             for note in &resync.present {
-                queue.set(Change::again(&resync.room, note.clone()));
+                if resync.announce {
+                    queue.set(Change::announced(&resync.room, note.clone()));
+                } else {
+                    queue.set(Change::again(&resync.room, note.clone()));
+                }
             }
             queue.retry_now();
             // Catch up once the presence is recorded again (joined.members).
@@ -610,6 +651,7 @@ async fn perform(
             reply,
         } => {
             let epoch = new_epoch();
+            let key = new_epoch();
             let result = broker
                 .publish(PublishRequest {
                     room: &room,
@@ -618,6 +660,7 @@ async fn perform(
                     history,
                     history_ttl,
                     new_epoch: &epoch,
+                    key: &key,
                 })
                 .await;
             if let Err(e) = &result {
@@ -748,7 +791,50 @@ pub(crate) async fn run_events(
                 let rooms = shared.run(|inner, _| inner.hub.begin_resync());
                 tracing::info!(rooms, "catching up after a broker reconnect");
             }
+            BrokerEvent::Reaped => {
+                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin());
+                tracing::warn!(
+                    rooms,
+                    "the cluster took this node for dead; recording its presence again"
+                );
+            }
         }
+    }
+}
+
+/// Every [`POSITION_CHECK`], asks the broker where this node's rooms are
+/// and lets the core catch up those that fell behind for good (their last
+/// messages lost on the way, with nothing after them to show the hole).
+pub(crate) async fn run_positions(shared: std::sync::Weak<Shared>, broker: Arc<dyn Broker>) {
+    let mut tick = tokio::time::interval(POSITION_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(rooms) = shared
+            .upgrade()
+            .map(|shared| shared.run(|inner, _| inner.hub.broker_positions()))
+        else {
+            return;
+        };
+        if rooms.is_empty() {
+            continue;
+        }
+        let positions = match broker.positions(&rooms).await {
+            Ok(positions) if positions.len() == rooms.len() => positions,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot check room positions");
+                continue;
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.run(|inner, _| {
+            inner
+                .hub
+                .check_positions(rooms.into_iter().zip(positions).collect());
+        });
     }
 }
 
@@ -845,6 +931,29 @@ mod tests {
         assert!(rx.try_recv().is_err(), "told only once the change lands");
         state.finish(first, Ok(()));
         assert_eq!(rx.try_recv().ok(), Some(Ok(())));
+    }
+
+    /// A join that did not ask for the room's subscription still waits for
+    /// one under way (queued or being performed); with none, it goes on.
+    #[test]
+    fn a_join_waits_for_a_subscription_under_way() {
+        let mut state = State::default();
+        let key = Key::Channel(Channel::Room(room("r")));
+        state.set(Change::channel(Channel::Room(room("r")), true), None);
+        let (tx, mut queued) = oneshot::channel();
+        state.wait_settled(&key, true, tx);
+        let Some(Job::Apply(change)) = state.take() else {
+            panic!("the subscribe");
+        };
+        let (tx, mut in_flight) = oneshot::channel();
+        state.wait_settled(&key, true, tx);
+        assert!(queued.try_recv().is_err() && in_flight.try_recv().is_err());
+        state.finish(change, Ok(()));
+        assert_eq!(queued.try_recv().ok(), Some(Ok(())));
+        assert_eq!(in_flight.try_recv().ok(), Some(Ok(())));
+        let (tx, mut settled) = oneshot::channel();
+        state.wait_settled(&key, true, tx);
+        assert_eq!(settled.try_recv().ok(), Some(Ok(())));
     }
 
     /// A presence change that failed is tried again (a leave during an

@@ -148,6 +148,10 @@ impl Builder {
             Arc::downgrade(&switchboard.shared),
             events_rx,
         ));
+        tokio::spawn(cluster::run_positions(
+            Arc::downgrade(&switchboard.shared),
+            Arc::clone(&broker),
+        ));
         Ok(switchboard)
     }
 
@@ -496,6 +500,7 @@ impl Switchboard {
             .prepare_publish(now, &room, event, data)
             .map_err(|e| Error::new(Kind::Publish(e)))?;
         let epoch = cluster::new_epoch();
+        let key = cluster::new_epoch();
         let (seq, epoch) = broker
             .publish(PublishRequest {
                 room: &prepared.room,
@@ -504,6 +509,7 @@ impl Switchboard {
                 history: prepared.history,
                 history_ttl: prepared.history_ttl,
                 new_epoch: &epoch,
+                key: &key,
             })
             .await
             .map_err(|e| Error::new(Kind::Unavailable(e.0)))?;
