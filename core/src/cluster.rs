@@ -37,6 +37,11 @@ use crate::time::Timestamp;
 /// Recent messages a node keeps per room in broker mode at least, so a join
 /// can bridge the time the broker took to answer.
 const MIN_RECENT: usize = 64;
+/// Live messages a room holds at most while it catches up. Past it they are
+/// dropped, and the room catches up again from what it delivered once this
+/// catch-up ends (the broker's history has them): a slow broker costs
+/// another round trip, never memory without bound.
+pub(crate) const HOLD_LIMIT: usize = 1024;
 
 /// Something only the cluster broker can do. Perform it, then report back
 /// as each variant says. Requests that carry a [`Reply`] have an answer owed
@@ -224,6 +229,25 @@ pub struct Resync {
     /// Record `present` with join announcements (the broker took this node
     /// for dead and announced its users' leaves), not quietly.
     pub announce: bool,
+}
+
+/// The live messages a room holds while it catches up, at most
+/// [`HOLD_LIMIT`] of them.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Holding {
+    held: Vec<Held>,
+    /// Some were dropped (the limit was reached): catch up again.
+    overflowed: bool,
+}
+
+impl Holding {
+    fn hold(&mut self, held: Held) {
+        if self.held.len() < HOLD_LIMIT {
+            self.held.push(held);
+        } else {
+            self.overflowed = true;
+        }
+    }
 }
 
 /// A live message held while its room catches up.
@@ -659,12 +683,15 @@ impl Hub {
             frame,
             exclude: exclude.cloned(),
         };
-        if let Some(buffer) = r.resync_buffer.as_mut() {
-            buffer.push(held);
+        if let Some(holding) = r.resync_buffer.as_mut() {
+            holding.hold(held);
             return;
         }
         if r.epoch == *epoch && !epoch.as_str().is_empty() && seq > r.position() + 1 {
-            r.resync_buffer = Some(vec![held]);
+            r.resync_buffer = Some(Holding {
+                held: vec![held],
+                overflowed: false,
+            });
             self.catch_up(rid);
             return;
         }
@@ -793,7 +820,7 @@ impl Hub {
             }
             match r.suspect.take() {
                 Some(before) if r.behind(&before) => {
-                    r.resync_buffer = Some(Vec::new());
+                    r.resync_buffer = Some(Holding::default());
                     self.catch_up(rid);
                 }
                 _ => r.suspect = Some(broker),
@@ -820,7 +847,7 @@ impl Hub {
     fn resync_rooms(&mut self, announce: bool) -> usize {
         let mut requests = Vec::new();
         for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
-            r.resync_buffer.get_or_insert_with(Vec::new);
+            r.resync_buffer.get_or_insert_with(Holding::default);
             let mut present: Vec<PresenceNote> = Vec::with_capacity(r.users.len());
             let mut seen = std::collections::BTreeSet::new();
             for key in r.members.keys() {
@@ -900,8 +927,8 @@ impl Hub {
             }
             Err(()) => self.tell_reset(rid, None),
         }
-        let held = self.rooms[rid].resync_buffer.take().unwrap_or_default();
-        for h in held {
+        let holding = self.rooms[rid].resync_buffer.take().unwrap_or_default();
+        for h in holding.held {
             // Published before the broker's answer, in an epoch it has since
             // left (the messages of a history it just ended): not news.
             let stale = position
@@ -912,6 +939,13 @@ impl Hub {
                 // the rest.
                 self.accept_live(rid, h.seq, &h.epoch, h.frame, h.exclude.as_ref());
             }
+        }
+        // Messages were dropped while holding: fetch them (unless a hole
+        // among the held ones already started a catch-up).
+        let r = &mut self.rooms[rid];
+        if holding.overflowed && r.resync_buffer.is_none() && !r.members.is_empty() {
+            r.resync_buffer = Some(Holding::default());
+            self.catch_up(rid);
         }
     }
 
@@ -1147,6 +1181,70 @@ mod tests {
         };
         hub.complete_resync(NOW, &RoomName::new("r").expect("a room"), Ok(sync));
         assert_eq!(seqs(&mut hub, &[old]), [vec![2, 3, 4]]);
+    }
+
+    /// Live messages past [`HOLD_LIMIT`] while a room catches up are not
+    /// held: the room holds no more than the limit, and once the catch-up
+    /// ends it delivers what it held and catches up again for the rest.
+    #[test]
+    fn a_catch_up_holds_a_bounded_number_of_messages_then_catches_up_again() {
+        let mut hub = hub();
+        let old = connect(&mut hub, "old");
+        let reply = join(&mut hub, old);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        fan_out(&mut hub, 3); // a hole: catching up from 1
+        assert_eq!(resyncs(&mut hub).len(), 1);
+        let last = 3 + HOLD_LIMIT as u64 + 100;
+        for seq in 4..=last {
+            fan_out(&mut hub, seq);
+        }
+        let r = RoomName::new("r").expect("a room");
+        let rid = hub.room_index[r.as_str()];
+        let holding = hub.rooms[rid].resync_buffer.as_ref().expect("holding");
+        assert_eq!(holding.held.len(), HOLD_LIMIT);
+        assert!(holding.overflowed);
+        let missing = Bytes::from_static(br#"{"type":"message","seq":2}"#);
+        let sync = RoomSync {
+            replay: Some(vec![(2, missing)]),
+            ..answer(2).expect("an answer")
+        };
+        hub.complete_resync(NOW, &r, Ok(sync));
+        let delivered_up_to = 2 + HOLD_LIMIT as u64;
+        let mut got = Vec::new();
+        let mut again = Vec::new();
+        while let Some(output) = hub.poll_output() {
+            match output {
+                Output::Deliver(d) => {
+                    if let FrameKind::Message { seq, .. } = d.kind {
+                        got.push(seq);
+                    }
+                }
+                Output::Broker(BrokerRequest::Resync(resync)) => again.push(resync),
+                _ => {}
+            }
+        }
+        assert_eq!(got, (2..=delivered_up_to).collect::<Vec<_>>());
+        assert_eq!(again.len(), 1, "catches up again for what it dropped");
+        assert_eq!(again[0].since, Some((delivered_up_to, Epoch::from("E"))));
+        let rest: Vec<(u64, Bytes)> = (delivered_up_to + 1..=last)
+            .map(|seq| {
+                (
+                    seq,
+                    Bytes::from(format!(r#"{{"type":"message","seq":{seq}}}"#)),
+                )
+            })
+            .collect();
+        let sync = RoomSync {
+            replay: Some(rest),
+            ..answer(last).expect("an answer")
+        };
+        hub.complete_resync(NOW, &r, Ok(sync));
+        assert_eq!(
+            seqs(&mut hub, &[old]),
+            [(delivered_up_to + 1..=last).collect::<Vec<_>>()]
+        );
+        assert!(hub.rooms[rid].resync_buffer.is_none());
     }
 
     /// A room behind the broker at two position checks in a row, still

@@ -60,8 +60,8 @@ pub(crate) struct Room {
     /// are not theirs; the room's other members still get them.
     pub(crate) live_after: HashMap<SessionKey, u64, HashState>,
     /// Broker mode: live messages held while the room catches up after a
-    /// broker reconnect (`Some` while it does).
-    pub(crate) resync_buffer: Option<Vec<crate::cluster::Held>>,
+    /// broker reconnect or a hole (`Some` while it does), bounded.
+    pub(crate) resync_buffer: Option<crate::cluster::Holding>,
 }
 
 impl Room {
