@@ -114,8 +114,13 @@ struct Node {
 
 impl Node {
     async fn start(redis: &Redis) -> Self {
+        Self::start_with_intake(redis, 1024).await
+    }
+
+    /// A node whose runtime takes at most `intake` events before it reads.
+    async fn start_with_intake(redis: &Redis, intake: usize) -> Self {
         let broker = RedisBroker::new(&redis.url()).expect("a Redis URL");
-        let (tx, events) = mpsc::channel(1024);
+        let (tx, events) = mpsc::channel(intake);
         within("the broker to start", broker.start(tx))
             .await
             .expect("the broker starts");
@@ -373,6 +378,54 @@ fn a_resync_without_history_replays_only_an_empty_gap() {
     });
 }
 
+/// A runtime that falls behind (its events queue full) does not make the
+/// broker buffer without bound: what does not fit is dropped, and the
+/// runtime is told to catch up (`Reconnected`) before the next message it
+/// gets, so the drop is never silent.
+#[test]
+fn a_full_intake_drops_and_asks_for_a_catch_up() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start_with_intake(&redis, 8).await;
+        let lobby = room("lobby");
+        subscribe(&a, &lobby).await;
+        for _ in 0..50 {
+            a.publish(&lobby, 100, TTL).await;
+        }
+        let mut heard = Vec::new();
+        within("a catch-up request", async {
+            loop {
+                match a.events.recv().await.expect("the broker runs") {
+                    BrokerEvent::Message { seq, .. } => heard.push(seq),
+                    BrokerEvent::Reconnected => return,
+                    _ => {}
+                }
+            }
+        })
+        .await;
+        assert!(heard.len() <= 8, "held no more than the intake: {heard:?}");
+        assert_eq!(heard, (1..=heard.len() as u64).collect::<Vec<_>>());
+        let kept: i64 = redis.query(&["XLEN", "sb:{lobby}:log"]).await;
+        assert_eq!(kept, 50, "what was dropped is in history, to catch up from");
+    });
+}
+
+/// Subscribes `node` to `room`'s channel (its pub/sub connection comes up a
+/// moment after start).
+async fn subscribe(node: &Node, room: &RoomName) {
+    within("a subscription", async {
+        while node
+            .broker
+            .subscribe(&Channel::Room(room.clone()))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// A publish sent again with the same key (a retry whose first try
 /// landed) is not published again: the same seq and epoch, one message in
 /// history, one fan-out; another key is a new message.
@@ -382,18 +435,7 @@ fn a_publish_with_a_key_already_used_is_not_published_again() {
         let redis = Redis::start().await;
         let mut a = Node::start(&redis).await;
         let lobby = room("lobby");
-        within("a subscription", async {
-            // The pub/sub connection comes up a moment after start.
-            while a
-                .broker
-                .subscribe(&Channel::Room(lobby.clone()))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        subscribe(&a, &lobby).await;
         let first = a.publish_keyed(&lobby, 10, TTL, "k1").await;
         assert_eq!(a.publish_keyed(&lobby, 10, TTL, "k1").await, first);
         assert_eq!(first.0, 1);

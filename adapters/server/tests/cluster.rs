@@ -1563,3 +1563,79 @@ fn a_second_tab_joining_during_the_first_tabs_subscribe_waits_for_it() {
         b.assert_running();
     });
 }
+
+/// Redis stops answering for longer than the command timeout without
+/// closing anything (`DEBUG SLEEP`: a busy Redis, as during a long script
+/// or a fork stall). Nothing on a node waits on it past its timeouts: a
+/// publish during the stall is answered `unavailable` while Redis still
+/// sleeps, and a session with nothing to ask of Redis is answered at once.
+/// Once Redis answers again, both nodes catch up: every member gets every
+/// message once, in order, and publishing works again. (The stalled
+/// publish reached Redis before the stall and may run after it: the one
+/// case where `unavailable` may have published, as documented.)
+#[test]
+fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
+    run(async {
+        let test = "redis-stalled";
+        let redis = Redis::start(test).await;
+        // Longer than the stall, so that neither node reaps the other.
+        let ttl = ["--redis-node-ttl-ms", "60000"];
+        let a = Node::start(test, "a", &redis, &ttl).await;
+        let b = Node::start(test, "b", &redis, &ttl).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        let mut cal = Client::connect(&a, "cal").await;
+        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+
+        let port = redis.port;
+        let asleep = tokio::spawn(async move { command_at(port, &["DEBUG", "SLEEP", "10"]).await });
+        // Pacing only: the command reaches Redis in microseconds.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!asleep.is_finished(), "Redis is asleep");
+
+        cal.assert_answers_ping("while-redis-sleeps").await;
+        ann.publish("room", "stalled", json!({"stalled": true}))
+            .await;
+        let answer = ann.answer("stalled").await;
+        assert!(
+            !asleep.is_finished(),
+            "the publish was answered only once Redis woke up: {answer}"
+        );
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["code"], "unavailable", "{answer}");
+
+        within("Redis to wake up", asleep)
+            .await
+            .expect("the DEBUG SLEEP task");
+        // A client publishes again after `unavailable` until it is taken.
+        within("a publish to be taken again", async {
+            for attempt in 0.. {
+                let id = format!("after-{attempt}");
+                let answer = ann
+                    .request(json!({"type": "publish", "room": "room", "id": id,
+                        "data": {"after": attempt}}))
+                    .await;
+                if answer["type"] == "ack" {
+                    return;
+                }
+                assert_eq!(answer["code"], "unavailable", "{answer}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        api_publish(&b, "room", json!({"fence": true})).await;
+        let mut seen = Vec::new();
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence("room").await;
+            assert_consecutive(&client.user, &messages, 4);
+            let stalled = messages.iter().filter(|m| m["data"]["stalled"] == true);
+            assert!(stalled.count() <= 1, "{}: {messages:?}", client.user);
+            let data: Vec<Value> = messages.iter().map(|m| m["data"].clone()).collect();
+            seen.push(data);
+            client.assert_no_more_messages().await;
+        }
+        assert_eq!(seen[0], seen[1], "both members got the same messages");
+    });
+}

@@ -122,6 +122,8 @@ impl Redis {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            // `DEBUG SLEEP`: a Redis that stops answering for a while.
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -189,24 +191,7 @@ impl Redis {
 
     /// Sends one command and returns its reply.
     pub(crate) async fn command(&self, args: &[&str]) -> Resp {
-        let port = self.port;
-        within(&format!("Redis {args:?}"), async {
-            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-                .await
-                .expect("connect to Redis");
-            let mut stream = BufReader::new(stream);
-            let mut request = format!("*{}\r\n", args.len());
-            for arg in args {
-                request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-            }
-            stream
-                .get_mut()
-                .write_all(request.as_bytes())
-                .await
-                .expect("send a Redis command");
-            read_resp(&mut stream).await
-        })
-        .await
+        command_at(self.port, args).await
     }
 
     /// A command whose reply is an integer.
@@ -1007,4 +992,25 @@ pub(crate) fn assert_consecutive(who: &str, messages: &[Value], first: u64) {
 
 pub(crate) fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+/// One command to the Redis on `port`, on a connection of its own.
+pub(crate) async fn command_at(port: u16, args: &[&str]) -> Resp {
+    within(&format!("Redis {args:?}"), async {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect to Redis");
+        let mut stream = BufReader::new(stream);
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .expect("send a Redis command");
+        read_resp(&mut stream).await
+    })
+    .await
 }
