@@ -29,7 +29,8 @@ use serde_json::value::RawValue;
 
 use crate::codec::{From, ServerFrame, Since, Target, MAX_EVENT_BYTES};
 use crate::error::{DirectError, ErrorCode, FrameError, PublishError};
-use crate::hub::Hub;
+use crate::hub::{ClientPublish, Hub};
+use crate::idempotency::{scoped_key, Publisher};
 use crate::ids::{Epoch, RoomId, RoomName, SessionKey, Sid, UserId};
 use crate::output::{FrameKind, Output, Recipients};
 use crate::time::Timestamp;
@@ -64,6 +65,11 @@ pub enum BrokerRequest {
         history: usize,
         /// How long the room's history outlives its last message.
         history_ttl: Duration,
+        /// The publisher's `idempotency_key`, scoped to it
+        /// ([`scoped_key`](crate::scoped_key)): the broker publishes at most
+        /// once per key within [`IDEMPOTENCY_WINDOW`](crate::IDEMPOTENCY_WINDOW).
+        /// `None`: the caller draws a key of its own for its retries.
+        idempotency_key: Option<String>,
         /// The client waiting for the answer.
         reply: Reply,
     },
@@ -212,6 +218,8 @@ pub struct PreparedPublish {
     pub history: usize,
     /// How long the room's history outlives its last message.
     pub history_ttl: Duration,
+    /// As [`BrokerRequest::Publish::idempotency_key`].
+    pub idempotency_key: Option<String>,
 }
 
 /// A room that must catch up after a broker reconnect ([`Hub::begin_resync`]).
@@ -341,18 +349,21 @@ impl Hub {
         });
     }
 
-    /// Broker-mode `publish`; the checks are done.
-    #[allow(clippy::too_many_arguments)] // the fields of the client's `publish`, plus who and when
+    /// Broker-mode `publish`; the checks are done, and its key is scoped.
     pub(crate) fn cluster_publish(
         &mut self,
         now: Timestamp,
         key: SessionKey,
-        room: RoomName,
-        data: &RawValue,
-        event: Option<&str>,
-        echo: bool,
+        publish: ClientPublish<'_>,
         id: Option<&RawValue>,
     ) -> Result<(), FrameError> {
+        let ClientPublish {
+            room,
+            data,
+            event,
+            echo,
+            idempotency_key,
+        } = publish;
         let session = &self.sessions[key];
         let from = From::Session {
             sid: session.sid.as_str(),
@@ -374,6 +385,7 @@ impl Hub {
             exclude,
             history: options.history,
             history_ttl: options.history_ttl,
+            idempotency_key: idempotency_key.map(str::to_owned),
         });
         Ok(())
     }
@@ -985,6 +997,7 @@ impl Hub {
         room: &RoomName,
         event: Option<&str>,
         data: &RawValue,
+        idempotency_key: Option<&str>,
     ) -> Result<PreparedPublish, PublishError> {
         if event.is_some_and(|e| e.len() > MAX_EVENT_BYTES) {
             return Err(PublishError::InvalidEvent);
@@ -999,6 +1012,7 @@ impl Hub {
             body,
             history: options.history,
             history_ttl: options.history_ttl,
+            idempotency_key: idempotency_key.map(|k| scoped_key(Publisher::Server, k)),
         })
     }
 

@@ -16,6 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::ErrorCode;
+use crate::idempotency::MAX_IDEMPOTENCY_KEY_BYTES;
 use crate::ids::{RoomName, RoomNameError};
 
 /// Maximum length in bytes of a frame `id` string.
@@ -62,6 +63,11 @@ pub enum ClientFrame<'a> {
         event: Option<Cow<'a, str>>,
         /// Whether the sender receives its own message (default true).
         echo: bool,
+        /// Makes a retry of this publish a no-op: a publish by the same user
+        /// to the same room with the same key within a minute is answered
+        /// as published, and not published again (PROTOCOL.md, "Publishing
+        /// at most once").
+        idempotency_key: Option<Cow<'a, str>>,
     },
     /// Send `data` to every session of a user, or to one session.
     Direct {
@@ -174,6 +180,8 @@ struct RawFrame<'a> {
     to: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    idempotency_key: Option<&'a RawValue>,
 }
 
 /// `Option<&RawValue>` would read `null` as absent; `data: null` is present.
@@ -276,12 +284,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<Request<'_>, DecodeError<'_>> {
             let echo = opt_field(raw.echo, "echo", "a boolean")
                 .map_err(|e| with_room(with_id(e), &room))?
                 .unwrap_or(true);
+            let idempotency_key = idempotency_key_field(raw.idempotency_key)
+                .map_err(|e| with_room(with_id(e), &room))?;
             let data = relayable(data).map_err(|e| with_room(with_id(e), &room))?;
             ClientFrame::Publish {
                 room,
                 data,
                 event,
                 echo,
+                idempotency_key,
             }
         }
         "direct" => {
@@ -408,6 +419,24 @@ fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeErr
         ));
     }
     Ok(event)
+}
+
+/// A publish's `idempotency_key`: a non-empty string of at most
+/// [`MAX_IDEMPOTENCY_KEY_BYTES`].
+fn idempotency_key_field(
+    raw: Option<&RawValue>,
+) -> Result<Option<Cow<'_, str>>, DecodeError<'static>> {
+    let key = opt_field(raw, "idempotency_key", "a string")?.map(|Str(k)| k);
+    if key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+    {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidFrame,
+            "field `idempotency_key` must be 1 to 64 bytes",
+        ));
+    }
+    Ok(key)
 }
 
 /// Checks that `data`, relayed verbatim to other sessions, is JSON they can

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
+use crate::idempotency::{scoped_key, Publisher};
 use crate::ids::{Epoch, RoomId, RoomName, SessionKey, Sid, UserId};
 use crate::output::{CloseReason, Delivery, FrameKind, LatestKey, Output, Recipients};
 use crate::policy::{Identity, Policy, PublishRule};
@@ -23,6 +24,16 @@ use crate::session::{Liveness, Session};
 use crate::time::Timestamp;
 use crate::timer::{TimerQueue, TimerTarget};
 use crate::HashState;
+
+/// A client's `publish`, as decoded (its key scoped to the publisher once
+/// it reaches the broker path).
+pub(crate) struct ClientPublish<'a> {
+    pub(crate) room: RoomName,
+    pub(crate) data: &'a RawValue,
+    pub(crate) event: Option<&'a str>,
+    pub(crate) echo: bool,
+    pub(crate) idempotency_key: Option<&'a str>,
+}
 
 /// What a successful publish produced: the message's place in its room.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,7 +428,17 @@ impl Hub {
                 data,
                 event,
                 echo,
-            } => self.client_publish(now, session, room, data, event.as_deref(), echo, request.id),
+                idempotency_key,
+            } => {
+                let publish = ClientPublish {
+                    room,
+                    data,
+                    event: event.as_deref(),
+                    echo,
+                    idempotency_key: idempotency_key.as_deref(),
+                };
+                self.client_publish(now, session, publish, request.id)
+            }
             ClientFrame::Direct { to, data, event } => {
                 self.client_direct(session, &to, data, event.as_deref(), request.id)
             }
@@ -516,16 +537,48 @@ impl Hub {
         event: Option<&str>,
         data: &RawValue,
     ) -> Result<Published, PublishError> {
+        self.publish_keyed(now, room, event, data, None)
+    }
+
+    /// [`Hub::publish`], at most once per `idempotency_key` within
+    /// [`IDEMPOTENCY_WINDOW`](crate::IDEMPOTENCY_WINDOW): a publish whose
+    /// key the room remembers returns the first one's `seq` (with
+    /// `delivered: 0`) and publishes nothing.
+    ///
+    /// # Errors
+    /// As [`Hub::publish`].
+    pub fn publish_keyed(
+        &mut self,
+        now: Timestamp,
+        room: &RoomName,
+        event: Option<&str>,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, PublishError> {
         if event.is_some_and(|e| e.len() > MAX_EVENT_BYTES) {
             return Err(PublishError::InvalidEvent);
         }
         if self.clustered() {
             return Err(PublishError::Sequenced);
         }
+        let key = idempotency_key.map(|k| scoped_key(Publisher::Server, k));
         let id = self.room_id_or_create(now, room.clone());
+        if let Some(k) = &key {
+            let r = &mut self.rooms[id];
+            if let Some(seq) = r.recent_keys.get(now, k) {
+                return Ok(Published {
+                    seq,
+                    epoch: r.epoch.clone(),
+                    delivered: 0,
+                });
+            }
+        }
         let published = self.broadcast(now, id, From::SERVER, event, data, None);
         match published {
-            Some(p) => Ok(p),
+            Some(p) => {
+                self.remember_key(now, id, key.as_deref(), p.seq);
+                Ok(p)
+            }
             None => {
                 self.dispose_room_if_unused(now, id);
                 Err(PublishError::TooLarge)
@@ -711,17 +764,20 @@ impl Hub {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)] // the fields of the client's `publish`, plus who and when
     fn client_publish(
         &mut self,
         now: Timestamp,
         key: SessionKey,
-        room: RoomName,
-        data: &RawValue,
-        event: Option<&str>,
-        echo: bool,
+        publish: ClientPublish<'_>,
         request_id: Option<&RawValue>,
     ) -> Result<(), FrameError> {
+        let ClientPublish {
+            room,
+            data,
+            event,
+            echo,
+            idempotency_key,
+        } = publish;
         let session = &self.sessions[key];
         let existing = self.room_index.get(room.as_str()).copied();
         let member = existing.is_some_and(|id| session.rooms.contains(&id));
@@ -735,10 +791,24 @@ impl Hub {
             PublishRule::Members if !member => return Err(not_joined()),
             _ => {}
         }
+        let idempotency_key =
+            idempotency_key.map(|k| scoped_key(Publisher::User(&session.identity.user), k));
         if self.clustered() {
-            self.cluster_publish(now, key, room, data, event, echo, request_id)?;
+            let publish = ClientPublish {
+                room,
+                data,
+                event,
+                echo,
+                idempotency_key: idempotency_key.as_deref(),
+            };
+            self.cluster_publish(now, key, publish, request_id)?;
             self.deferred = true;
             return Ok(());
+        }
+        if let (Some(id), Some(k)) = (existing, &idempotency_key) {
+            if self.rooms[id].recent_keys.get(now, k).is_some() {
+                return Ok(()); // a retry of a publish that took effect
+            }
         }
         let id = match existing {
             Some(id) => id,
@@ -752,14 +822,23 @@ impl Hub {
             user: user.as_str(),
         };
         let except = (!echo).then_some(key);
-        if self.broadcast(now, id, from, event, data, except).is_none() {
+        let Some(published) = self.broadcast(now, id, from, event, data, except) else {
             self.dispose_room_if_unused(now, id);
             return Err(FrameError::new(
                 ErrorCode::FrameTooLarge,
                 "the resulting message is larger than max_frame_bytes",
             ));
-        }
+        };
+        self.remember_key(now, id, idempotency_key.as_deref(), published.seq);
         Ok(())
+    }
+
+    /// Remembers a keyed publish's key in its room (if the room is still
+    /// there: one with no members and no history is gone at once).
+    fn remember_key(&mut self, now: Timestamp, id: RoomId, key: Option<&str>, seq: u64) {
+        if let (Some(key), Some(r)) = (key, self.rooms.get_mut(id)) {
+            r.recent_keys.insert(now, key, seq);
+        }
     }
 
     fn client_direct(

@@ -64,6 +64,7 @@ mod config;
 mod credentials;
 mod error;
 mod hub;
+mod idempotency;
 mod ids;
 mod output;
 mod policy;
@@ -85,6 +86,7 @@ pub use error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
 pub use hub::{Hub, Published, RoomInfo, Stats};
+pub use idempotency::{scoped_key, Publisher, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY_BYTES};
 pub use ids::{
     Epoch, RoomId, RoomName, RoomNameError, SessionKey, Sid, UserId, MAX_ROOM_NAME_BYTES,
 };

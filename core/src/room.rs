@@ -62,6 +62,8 @@ pub(crate) struct Room {
     /// Broker mode: live messages held while the room catches up after a
     /// broker reconnect or a hole (`Some` while it does), bounded.
     pub(crate) resync_buffer: Option<crate::cluster::Holding>,
+    /// Without a broker: the keys of recent keyed publishes.
+    pub(crate) recent_keys: crate::idempotency::RecentKeys,
 }
 
 impl Room {
@@ -91,6 +93,7 @@ impl Room {
             syncing: HashMap::with_hasher(hash.clone()),
             live_after: HashMap::with_hasher(hash.clone()),
             resync_buffer: None,
+            recent_keys: crate::idempotency::RecentKeys::new(hash.clone()),
         }
     }
 

@@ -10,7 +10,7 @@ use switchboard_core::sim::{Sim, SIM_EPOCH};
 use switchboard_core::{
     CloseReason, Config, ConnectError, DirectError, ErrorCode, Hub, Identity, Liveness, Output,
     Policy, PublishError, PublishRule, RawValue, RoomName, RoomOptions, SessionKey, Sid, Target,
-    Timestamp,
+    Timestamp, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY_BYTES,
 };
 
 // ---- fixtures -------------------------------------------------------------
@@ -527,6 +527,92 @@ fn server_publish_is_from_server_with_ts_and_reports_its_place() {
     });
     assert_eq!(sim.take(alice), vec![expected.clone()]);
     assert_eq!(sim.take(bob), vec![expected]);
+}
+
+/// A publish sent again with its `idempotency_key` (a retry: the client
+/// did not hear whether the first took effect) is answered `ack` and not
+/// published again; the key is the publisher's, so another user's publish
+/// with the same key is a message of its own; after the window the key is
+/// forgotten.
+#[test]
+fn a_publish_sent_again_with_its_idempotency_key_is_acked_not_published_again() {
+    let mut sim = sim();
+    let alice = connect(&mut sim, "alice");
+    let bob = connect(&mut sim, "bob");
+    join(&mut sim, alice, "lobby");
+    join(&mut sim, bob, "lobby");
+    sim.take(alice); // bob's arrival
+    let keyed = |id: u32, data: &str, key: &str| {
+        json!({"type": "publish", "room": "lobby", "id": id, "data": data,
+            "idempotency_key": key})
+    };
+    ok(&mut sim, alice, keyed(1, "once", "k1"));
+    assert_eq!(types(&sim.take(alice)), ["message", "ack"]);
+    assert_eq!(types(&sim.take(bob)), ["message"]);
+
+    ok(&mut sim, alice, keyed(2, "once again", "k1"));
+    assert_eq!(sim.take(alice), vec![json!({"type": "ack", "id": 2})]);
+    assert!(sim.take(bob).is_empty(), "not published again");
+    assert_eq!(seq(&sim, "lobby"), 1);
+
+    ok(&mut sim, bob, keyed(3, "bob's", "k1"));
+    assert_eq!(types(&sim.take(alice)), ["message"], "another user's key");
+    ok(&mut sim, alice, keyed(4, "another", "k2"));
+    assert_eq!(types(&sim.take(bob)), ["message", "ack", "message"]);
+    assert_eq!(seq(&sim, "lobby"), 3);
+
+    // Past the window, both sessions kept alive meanwhile.
+    for _ in 0..=IDEMPOTENCY_WINDOW.as_secs() / 10 {
+        sim.advance(secs(10));
+        ok(&mut sim, alice, json!({"type": "ping"}));
+        ok(&mut sim, bob, json!({"type": "ping"}));
+    }
+    sim.take(alice);
+    sim.take(bob);
+    ok(&mut sim, alice, keyed(5, "later", "k1"));
+    assert_eq!(
+        types(&sim.take(bob)),
+        ["message"],
+        "forgotten after the window"
+    );
+    assert_eq!(seq(&sim, "lobby"), 4);
+}
+
+#[test]
+fn an_idempotency_key_that_is_not_a_short_string_is_refused() {
+    let mut sim = sim();
+    let alice = connect(&mut sim, "alice");
+    join(&mut sim, alice, "lobby");
+    let long = "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1);
+    for key in [json!(""), json!(long), json!(7), json!(null)] {
+        let frame = json!({"type": "publish", "room": "lobby", "data": 1, "idempotency_key": key});
+        let error = refused(&mut sim, alice, &frame.to_string(), "invalid_frame");
+        assert_eq!(error["room"], "lobby");
+    }
+    assert_eq!(seq(&sim, "lobby"), 0, "nothing published");
+}
+
+/// The application's publish with a key it already used returns the first
+/// one's place and publishes nothing.
+#[test]
+fn a_server_publish_with_a_key_already_used_returns_the_first_ones_place() {
+    let mut sim = sim();
+    let alice = connect(&mut sim, "alice");
+    join(&mut sim, alice, "news");
+    let now = sim.now();
+    let data = raw("1");
+    let first = sim
+        .hub_mut()
+        .publish_keyed(now, &room("news"), None, &data, Some("job-7-done"))
+        .unwrap();
+    let again = sim
+        .hub_mut()
+        .publish_keyed(now, &room("news"), None, &data, Some("job-7-done"))
+        .unwrap();
+    sim.pump();
+    assert_eq!((again.seq, &again.epoch), (first.seq, &first.epoch));
+    assert_eq!(again.delivered, 0);
+    assert_eq!(types(&sim.take(alice)), ["message"]);
 }
 
 #[test]

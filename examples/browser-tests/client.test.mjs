@@ -515,6 +515,39 @@ test("SSE: a send that fails (network, 5xx, refused) rejects at once with a clea
   await page.context().close();
 });
 
+test("a publish whose answer was lost, sent again with its idempotencyKey, is published once", { timeout: 30_000 }, async () => {
+  const room = "idem";
+  const page = await tab(room);
+  const network = await controlledNetwork(page);
+  await start(page, "ivy", { transports: ["websocket"] }, room);
+  await connected(page, "websocket");
+  await joined(page, room);
+  // The server takes the publish; its answer never reaches the page, whose
+  // connection then drops.
+  network.fromServer = (frame) => (frame.type === "ack" ? null : frame);
+  const first = publishFromPage(page, room, { n: 1 }, { idempotencyKey: "ivy-1" });
+  await eventually(() => network.sent.some((f) => f.type === "publish"), { what: "the publish to be sent" });
+  await waitForMessages(page, 1);
+  await network.down();
+  const lost = await first;
+  assert.deepEqual([lost.ok, lost.code], [false, "connection_lost"], "its fate is unknown to the page");
+  network.fromServer = (frame) => frame;
+  network.up();
+  await connected(page, "websocket");
+  await eventually(() => network.sent.filter((f) => f.type === "join").length >= 2, { what: "the rejoin" });
+  await joined(page, room);
+  const retry = await publishFromPage(page, room, { n: 1 }, { idempotencyKey: "ivy-1" });
+  assert.ok(retry.ok, `the retry is acked (${retry.code})`);
+  await publish(room, { n: 2 });
+  await waitForMessages(page, 2);
+  await page.waitForTimeout(300);
+  assert.deepEqual((await log(page)).messages.map((m) => [m.data.n, m.seq]), [
+    [1, 1],
+    [2, 2],
+  ]);
+  await page.context().close();
+});
+
 test("long-poll: a failed send rejects every request of its batch, and the queue goes on", { timeout: 30_000 }, async () => {
   const room = "poll-send";
   const page = await tab(room);

@@ -633,10 +633,15 @@ export class Room {
     this.retryTimer = null;
   }
 
-  /** Publishes `data` to the room. Resolves on `ack`. */
-  publish(data, { event, echo } = {}) {
+  /** Publishes `data` to the room. Resolves on `ack`. With
+   * `idempotencyKey` (a string of 1 to 64 bytes, unique per message), a
+   * publish sent again with the same key within a minute, after a failure
+   * that left its fate unknown (`connection_lost`, `timeout`,
+   * `unavailable`), is acked and not published twice, through any node. */
+  publish(data, { event, echo, idempotencyKey } = {}) {
     const frame = { type: "publish", room: this.name, data };
     if (event) frame.event = event;
+    if (idempotencyKey !== undefined) frame.idempotency_key = idempotencyKey;
     if (echo === false) {
       // Its seq will be a hole in what this session sees: an expected one.
       frame.echo = false;

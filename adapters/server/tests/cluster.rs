@@ -15,6 +15,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use support::*;
@@ -1637,5 +1638,63 @@ fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
             client.assert_no_more_messages().await;
         }
         assert_eq!(seen[0], seen[1], "both members got the same messages");
+    });
+}
+
+/// A node dies after Redis ran a client's publish but before the client
+/// heard back (the proxy swallows Redis's answers to node a, which is then
+/// killed). The client reconnects through node b and sends the publish
+/// again with the same `idempotency_key`: it is acked and not published
+/// twice, and its `since` replay shows it took effect. The HTTP API's key
+/// does the same for a backend that retries a publish.
+#[test]
+fn a_publish_retried_through_another_node_after_a_node_died_is_not_duplicated() {
+    run(async {
+        let test = "retry-after-node-death";
+        let redis = Redis::start(test).await;
+        let proxy = Proxy::start(redis.port).await;
+        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        let epoch = publish_first(&b, "room", 1, &mut [&mut ann, &mut bob]).await;
+
+        proxy.mute_commands();
+        let publish = |id: &str| {
+            json!({"type": "publish", "room": "room", "id": id, "data": {"once": true},
+                "idempotency_key": "ann-msg-1"})
+        };
+        ann.send(publish("first-try")).await;
+        let landed = bob.next_message().await;
+        assert_eq!((seq(&landed), &landed["data"]), (2, &json!({"once": true})));
+        a.kill(); // before its command timeout: ann never hears back
+        within("ann's connection to close", async {
+            while let Some(Ok(_)) = ann.ws.next().await {}
+        })
+        .await;
+
+        let mut ann = Client::connect(&b, "ann").await;
+        let (replay, joined) = ann.join_since("room", Some((1, &epoch))).await;
+        assert_eq!(joined["recovered"], true, "{joined}");
+        assert_eq!(replay.len(), 1, "{replay:?}");
+        let answer = ann.request(publish("retry")).await;
+        assert_eq!(answer["type"], "ack", "{answer}");
+
+        let api_once = json!({"room": "room", "data": {"api": true}, "idempotency_key": "job-9"});
+        let (status, first) = http_post(b.port, "/api/publish", &api_once).await;
+        assert_eq!(status, 200, "{first}");
+        let (status, again) = http_post(b.port, "/api/publish", &api_once).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(first, again, "the retry answers with the first one's place");
+
+        api_publish(&b, "room", json!({"fence": true})).await;
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence("room").await;
+            assert_consecutive(&client.user, &messages, 3);
+            assert_eq!(messages.len(), 2, "{}: {messages:?}", client.user);
+            assert_eq!(messages[0]["data"]["api"], true, "{}", client.user);
+        }
     });
 }

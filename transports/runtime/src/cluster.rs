@@ -648,10 +648,11 @@ async fn perform(
             exclude,
             history,
             history_ttl,
+            idempotency_key,
             reply,
         } => {
             let epoch = new_epoch();
-            let key = new_epoch();
+            let key = idempotency_key.unwrap_or_else(new_epoch);
             let result = broker
                 .publish(PublishRequest {
                     room: &room,

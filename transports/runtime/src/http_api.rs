@@ -9,7 +9,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use switchboard_core::ErrorCode;
+use switchboard_core::{ErrorCode, MAX_IDEMPOTENCY_KEY_BYTES};
 
 use crate::{Session, Switchboard};
 
@@ -91,6 +91,9 @@ struct PublishBody<'a> {
     data: &'a RawValue,
     #[serde(default, borrow)]
     event: Option<std::borrow::Cow<'a, str>>,
+    /// Publish at most once per key (a retry after a timeout or a 503).
+    #[serde(default, borrow)]
+    idempotency_key: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -110,8 +113,24 @@ async fn publish(switchboard: &Switchboard, body: &[u8]) -> Response<Bytes> {
         Ok(parsed) => parsed,
         Err(response) => return response,
     };
+    if parsed
+        .idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidFrame,
+            "`idempotency_key` must be 1 to 64 bytes",
+        );
+    }
     match switchboard
-        .publish_raw(parsed.room, parsed.event.as_deref(), parsed.data)
+        .publish_raw_once(
+            parsed.room,
+            parsed.event.as_deref(),
+            parsed.data,
+            parsed.idempotency_key.as_deref(),
+        )
         .await
     {
         Ok(published) => json(

@@ -482,6 +482,24 @@ impl Switchboard {
         event: Option<&str>,
         data: &RawValue,
     ) -> Result<Published, Error> {
+        self.publish_raw_once(room, event, data, None).await
+    }
+
+    /// [`Switchboard::publish_raw`], at most once per `idempotency_key`
+    /// within a minute, on every node: a publish sent again with the key of
+    /// one that took effect (a retry after a timeout or an `unavailable`)
+    /// returns that one's `seq` and `epoch`, and publishes nothing. With
+    /// `None`, as [`Switchboard::publish_raw`].
+    ///
+    /// # Errors
+    /// As [`Switchboard::publish`].
+    pub async fn publish_raw_once(
+        &self,
+        room: &str,
+        event: Option<&str>,
+        data: &RawValue,
+        idempotency_key: Option<&str>,
+    ) -> Result<Published, Error> {
         let room = RoomName::new(room).map_err(|e| Error::new(Kind::InvalidRoom(e)))?;
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(Error::new(Kind::ShuttingDown));
@@ -489,7 +507,11 @@ impl Switchboard {
         let Some(broker) = &self.shared.broker else {
             return self
                 .shared
-                .run(|inner, now| inner.hub.publish(now, &room, event, data))
+                .run(|inner, now| {
+                    inner
+                        .hub
+                        .publish_keyed(now, &room, event, data, idempotency_key)
+                })
                 .map_err(|e| Error::new(Kind::Publish(e)));
         };
         let now = self.shared.clock.now();
@@ -497,10 +519,13 @@ impl Switchboard {
             .shared
             .lock()
             .hub
-            .prepare_publish(now, &room, event, data)
+            .prepare_publish(now, &room, event, data, idempotency_key)
             .map_err(|e| Error::new(Kind::Publish(e)))?;
         let epoch = cluster::new_epoch();
-        let key = cluster::new_epoch();
+        let key = prepared
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(cluster::new_epoch);
         let (seq, epoch) = broker
             .publish(PublishRequest {
                 room: &prepared.room,
