@@ -1189,15 +1189,14 @@ fn a_blackholed_pubsub_connection_is_noticed_and_caught_up() {
 }
 
 async fn blackholed(test: &str, pubsub_only: bool) {
-    let redis = Redis::start(test).await;
-    let proxy = Proxy::start(redis.port).await;
-    let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
-    let mut b = Node::start(test, "b", &redis, &[]).await;
-    let mut ann = Client::connect(&a, "ann").await;
-    ann.join("room").await;
-    let mut bob = Client::connect(&b, "bob").await;
-    bob.join("room").await;
-    publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+    let (pair, proxy) = Pair::start_proxied(test, 3).await;
+    let Pair {
+        mut a,
+        mut b,
+        mut ann,
+        mut bob,
+        ..
+    } = pair;
 
     proxy.blackhole(pubsub_only);
     for i in 4..=8 {
@@ -1277,14 +1276,14 @@ return seq
 fn a_seq_jump_on_the_live_stream_is_caught_up() {
     run(async {
         let test = "seq-jump";
-        let redis = Redis::start(test).await;
-        let mut a = Node::start(test, "a", &redis, &[]).await;
-        let mut b = Node::start(test, "b", &redis, &[]).await;
-        let mut ann = Client::connect(&a, "ann").await;
-        ann.join("room").await;
-        let mut bob = Client::connect(&b, "bob").await;
-        bob.join("room").await;
-        let epoch = publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+        let Pair {
+            redis,
+            mut a,
+            mut b,
+            mut ann,
+            mut bob,
+            epoch,
+        } = Pair::start(test, 3).await;
 
         assert_eq!(lose_a_message(&redis, "room", true).await, 4);
         api_publish(&a, "room", json!({"fence": true})).await;
@@ -1416,15 +1415,14 @@ fn redis_restarted_with_older_data_never_reuses_a_seq_in_an_epoch() {
 fn a_publish_whose_answer_was_lost_is_not_duplicated() {
     run(async {
         let test = "lost-answer";
-        let redis = Redis::start(test).await;
-        let proxy = Proxy::start(redis.port).await;
-        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
-        let mut b = Node::start(test, "b", &redis, &[]).await;
-        let mut ann = Client::connect(&a, "ann").await;
-        ann.join("room").await;
-        let mut bob = Client::connect(&b, "bob").await;
-        bob.join("room").await;
-        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
+        let (pair, proxy) = Pair::start_proxied(test, 3).await;
+        let Pair {
+            mut a,
+            mut b,
+            mut ann,
+            mut bob,
+            ..
+        } = pair;
 
         proxy.mute_commands();
         // A client that tries again after `unavailable`, as switchboard.js
@@ -1651,15 +1649,15 @@ fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
 fn a_publish_retried_through_another_node_after_a_node_died_is_not_duplicated() {
     run(async {
         let test = "retry-after-node-death";
-        let redis = Redis::start(test).await;
-        let proxy = Proxy::start(redis.port).await;
-        let mut a = Node::start_with(test, "a", &proxy.url(), &[]).await;
-        let b = Node::start(test, "b", &redis, &[]).await;
-        let mut ann = Client::connect(&a, "ann").await;
-        ann.join("room").await;
-        let mut bob = Client::connect(&b, "bob").await;
-        bob.join("room").await;
-        let epoch = publish_first(&b, "room", 1, &mut [&mut ann, &mut bob]).await;
+        let (pair, proxy) = Pair::start_proxied(test, 1).await;
+        let Pair {
+            mut a,
+            b,
+            mut ann,
+            mut bob,
+            epoch,
+            ..
+        } = pair;
 
         proxy.mute_commands();
         let publish = |id: &str| {

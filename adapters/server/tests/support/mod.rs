@@ -990,6 +990,56 @@ pub(crate) fn assert_consecutive(who: &str, messages: &[Value], first: u64) {
     assert!(epochs.len() <= 1, "{who}: several epochs: {epochs:?}");
 }
 
+/// The cast of most fault tests: Redis, nodes `a` and `b` on it, `ann` on
+/// a and `bob` on b, both in `room`, and the first `published` messages
+/// (published through b) delivered to both.
+pub(crate) struct Pair {
+    pub(crate) redis: Redis,
+    pub(crate) a: Node,
+    pub(crate) b: Node,
+    pub(crate) ann: Client,
+    pub(crate) bob: Client,
+    /// The room's epoch.
+    pub(crate) epoch: String,
+}
+
+impl Pair {
+    pub(crate) async fn start(test: &str, published: u64) -> Self {
+        let redis = Redis::start(test).await;
+        let url = redis.url();
+        Self::around(test, redis, &url, published).await
+    }
+
+    /// As [`Pair::start`], with node a reaching Redis through a [`Proxy`]
+    /// the test can blackhole or mute.
+    pub(crate) async fn start_proxied(test: &str, published: u64) -> (Self, Proxy) {
+        let redis = Redis::start(test).await;
+        let proxy = Proxy::start(redis.port).await;
+        (
+            Self::around(test, redis, &proxy.url(), published).await,
+            proxy,
+        )
+    }
+
+    async fn around(test: &str, redis: Redis, a_url: &str, published: u64) -> Self {
+        let a = Node::start_with(test, "a", a_url, &[]).await;
+        let b = Node::start(test, "b", &redis, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        ann.join("room").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        bob.join("room").await;
+        let epoch = publish_first(&b, "room", published, &mut [&mut ann, &mut bob]).await;
+        Self {
+            redis,
+            a,
+            b,
+            ann,
+            bob,
+            epoch,
+        }
+    }
+}
+
 pub(crate) fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
 }
