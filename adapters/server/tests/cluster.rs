@@ -1576,17 +1576,17 @@ fn a_second_tab_joining_during_the_first_tabs_subscribe_waits_for_it() {
 fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
     run(async {
         let test = "redis-stalled";
-        let redis = Redis::start(test).await;
         // Longer than the stall, so that neither node reaps the other.
         let ttl = ["--redis-node-ttl-ms", "60000"];
-        let a = Node::start(test, "a", &redis, &ttl).await;
-        let b = Node::start(test, "b", &redis, &ttl).await;
-        let mut ann = Client::connect(&a, "ann").await;
-        ann.join("room").await;
-        let mut bob = Client::connect(&b, "bob").await;
-        bob.join("room").await;
+        let Pair {
+            redis,
+            a,
+            b,
+            mut ann,
+            mut bob,
+            ..
+        } = Pair::start_with(test, &ttl, 3).await;
         let mut cal = Client::connect(&a, "cal").await;
-        publish_first(&b, "room", 3, &mut [&mut ann, &mut bob]).await;
 
         let port = redis.port;
         let asleep = tokio::spawn(async move { command_at(port, &["DEBUG", "SLEEP", "10"]).await });

@@ -1005,9 +1005,14 @@ pub(crate) struct Pair {
 
 impl Pair {
     pub(crate) async fn start(test: &str, published: u64) -> Self {
+        Self::start_with(test, &[], published).await
+    }
+
+    /// As [`Pair::start`], both nodes started with `args`.
+    pub(crate) async fn start_with(test: &str, args: &[&str], published: u64) -> Self {
         let redis = Redis::start(test).await;
         let url = redis.url();
-        Self::around(test, redis, &url, published).await
+        Self::around(test, redis, &url, args, published).await
     }
 
     /// As [`Pair::start`], with node a reaching Redis through a [`Proxy`]
@@ -1015,15 +1020,13 @@ impl Pair {
     pub(crate) async fn start_proxied(test: &str, published: u64) -> (Self, Proxy) {
         let redis = Redis::start(test).await;
         let proxy = Proxy::start(redis.port).await;
-        (
-            Self::around(test, redis, &proxy.url(), published).await,
-            proxy,
-        )
+        let pair = Self::around(test, redis, &proxy.url(), &[], published).await;
+        (pair, proxy)
     }
 
-    async fn around(test: &str, redis: Redis, a_url: &str, published: u64) -> Self {
-        let a = Node::start_with(test, "a", a_url, &[]).await;
-        let b = Node::start(test, "b", &redis, &[]).await;
+    async fn around(test: &str, redis: Redis, a_url: &str, args: &[&str], published: u64) -> Self {
+        let a = Node::start_with(test, "a", a_url, args).await;
+        let b = Node::start(test, "b", &redis, args).await;
         let mut ann = Client::connect(&a, "ann").await;
         ann.join("room").await;
         let mut bob = Client::connect(&b, "bob").await;
