@@ -1189,7 +1189,7 @@ fn a_blackholed_pubsub_connection_is_noticed_and_caught_up() {
 }
 
 async fn blackholed(test: &str, pubsub_only: bool) {
-    let (pair, proxy) = Pair::start_proxied(test, 3).await;
+    let (pair, proxy) = Pair::start_proxied(test, &[], 3).await;
     let Pair {
         mut a,
         mut b,
@@ -1415,7 +1415,7 @@ fn redis_restarted_with_older_data_never_reuses_a_seq_in_an_epoch() {
 fn a_publish_whose_answer_was_lost_is_not_duplicated() {
     run(async {
         let test = "lost-answer";
-        let (pair, proxy) = Pair::start_proxied(test, 3).await;
+        let (pair, proxy) = Pair::start_proxied(test, &[], 3).await;
         let Pair {
             mut a,
             mut b,
@@ -1649,7 +1649,7 @@ fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
 fn a_publish_retried_through_another_node_after_a_node_died_is_not_duplicated() {
     run(async {
         let test = "retry-after-node-death";
-        let (pair, proxy) = Pair::start_proxied(test, 1).await;
+        let (pair, proxy) = Pair::start_proxied(test, &[], 1).await;
         let Pair {
             mut a,
             b,
@@ -1694,5 +1694,50 @@ fn a_publish_retried_through_another_node_after_a_node_died_is_not_duplicated() 
             assert_eq!(messages.len(), 2, "{}: {messages:?}", client.user);
             assert_eq!(messages[0]["data"]["api"], true, "{}", client.user);
         }
+    });
+}
+
+/// Node a is cut off from Redis (a partition: its connections, open and
+/// new, go silent, nothing is closed or refused) for longer than
+/// `--redis-node-ttl-ms`. Node b takes it for dead and announces ann's
+/// leave; once the partition heals, node a notices it was reaped, records
+/// ann again with a join announcement (counts heal on node b), and ann gets
+/// what was published meanwhile, once and in order.
+#[test]
+fn a_node_cut_off_past_its_ttl_records_its_presence_again() {
+    run(async {
+        let test = "cut-off";
+        let args = ["--redis-node-ttl-ms", "1000"];
+        let (pair, proxy) = Pair::start_proxied(test, &args, 2).await;
+        let Pair {
+            mut a,
+            mut b,
+            mut ann,
+            mut bob,
+            epoch,
+            ..
+        } = pair;
+
+        proxy.partition(true);
+        let left = bob.next_presence("room").await;
+        assert_presence(&left, "leave", "ann", 1, "bob");
+        for i in 3..=4 {
+            api_publish(&b, "room", json!({"during": i})).await;
+        }
+        // Past the node TTL again: the partition outlasts the reap.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        proxy.partition(false);
+
+        let back = bob.next_presence("room").await;
+        assert_presence(&back, "join", "ann", 2, "bob");
+        bob.wait_for_members("room", &["ann", "bob"]).await;
+        api_publish(&b, "room", json!({"fence": true})).await;
+        let messages = ann.messages_until_fence("room").await;
+        assert_consecutive("ann", &messages, 3);
+        assert_eq!(messages.len(), 3, "{messages:?}");
+        assert_eq!(messages[0]["epoch"], epoch.as_str());
+        ann.assert_no_more_messages().await;
+        a.assert_running();
+        b.assert_running();
     });
 }

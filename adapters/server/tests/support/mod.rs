@@ -353,6 +353,9 @@ pub(crate) struct Proxy {
     pub(crate) links: std::sync::Arc<Mutex<Vec<ProxyLink>>>,
     /// Hold what the node sends on pub/sub connections (until cleared).
     pub(crate) stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// A network partition: every connection, open or new, goes silent for
+    /// good once it carries anything while this is on.
+    pub(crate) partitioned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One proxied connection's switches.
@@ -377,6 +380,8 @@ impl Proxy {
         let all = std::sync::Arc::clone(&links);
         let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stalled = std::sync::Arc::clone(&stall);
+        let partitioned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cut = std::sync::Arc::clone(&partitioned);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect((Ipv4Addr::LOCALHOST, to)).await else {
@@ -394,6 +399,7 @@ impl Proxy {
                 ] {
                     let link = link.clone();
                     let stalled = std::sync::Arc::clone(&stalled);
+                    let cut = std::sync::Arc::clone(&cut);
                     tokio::spawn(async move {
                         let (mut from, mut to) = (from, to);
                         let mut buf = vec![0u8; 16 * 1024];
@@ -411,6 +417,9 @@ impl Proxy {
                             {
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                             }
+                            if cut.load(Ordering::SeqCst) {
+                                link.dead.store(true, Ordering::SeqCst);
+                            }
                             if link.dead.load(Ordering::SeqCst)
                                 || (!upstream && link.mute.load(Ordering::SeqCst))
                             {
@@ -427,7 +436,22 @@ impl Proxy {
                 }
             }
         });
-        Self { port, links, stall }
+        Self {
+            port,
+            links,
+            stall,
+            partitioned,
+        }
+    }
+
+    /// Cuts node and Redis apart (on) or lets new connections through again
+    /// (off): what a network partition does, with nothing closed or refused.
+    pub(crate) fn partition(&self, on: bool) {
+        use std::sync::atomic::Ordering;
+        self.partitioned.store(on, Ordering::SeqCst);
+        if on {
+            self.blackhole(false);
+        }
     }
 
     /// While on, what nodes send on their pub/sub connections (`SUBSCRIBE`)
@@ -1015,12 +1039,12 @@ impl Pair {
         Self::around(test, redis, &url, args, published).await
     }
 
-    /// As [`Pair::start`], with node a reaching Redis through a [`Proxy`]
-    /// the test can blackhole or mute.
-    pub(crate) async fn start_proxied(test: &str, published: u64) -> (Self, Proxy) {
+    /// As [`Pair::start_with`], with node a reaching Redis through a
+    /// [`Proxy`] the test can blackhole, mute or cut off.
+    pub(crate) async fn start_proxied(test: &str, args: &[&str], published: u64) -> (Self, Proxy) {
         let redis = Redis::start(test).await;
         let proxy = Proxy::start(redis.port).await;
-        let pair = Self::around(test, redis, &proxy.url(), &[], published).await;
+        let pair = Self::around(test, redis, &proxy.url(), args, published).await;
         (pair, proxy)
     }
 
