@@ -636,7 +636,10 @@ impl RedisBroker {
     }
 
     /// One command on the command connection.
-    async fn command<T: redis::FromRedisValue>(&self, command: redis::Cmd) -> Result<T, BrokerError> {
+    async fn command<T: redis::FromRedisValue>(
+        &self,
+        command: redis::Cmd,
+    ) -> Result<T, BrokerError> {
         self.call(|mut con, _| async move { command.query_async(&mut con).await })
             .await
     }
@@ -790,10 +793,7 @@ impl RedisBroker {
         let mut info = redis::cmd("INFO");
         info.arg("server");
         let value = con
-            .route_command(
-                info,
-                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-            )
+            .route_command(info, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
             .await?;
         let info = String::from_redis_value(value)?;
         let major = info_field(&info, "redis_version")
@@ -982,7 +982,9 @@ impl RedisBroker {
         }
         // Rooms indexed meanwhile (a write of the dead id still on its way)
         // keep it in the node set, for the next reap.
-        let left: i64 = self.command(redis::cmd("SCARD").arg(&index).clone()).await?;
+        let left: i64 = self
+            .command(redis::cmd("SCARD").arg(&index).clone())
+            .await?;
         if left == 0 {
             let removed: i64 = self
                 .command(redis::cmd("SREM").arg("sb:nodes").arg(other).clone())
@@ -1185,8 +1187,13 @@ impl Broker for RedisBroker {
             if !indexed && update.present {
                 // Indexed before the presence lands: a node that dies
                 // right after still has it reaped.
-                self.command::<i64>(redis::cmd("SADD").arg(node_rooms_key(&node)).arg(name).clone())
-                    .await?;
+                self.command::<i64>(
+                    redis::cmd("SADD")
+                        .arg(node_rooms_key(&node))
+                        .arg(name)
+                        .clone(),
+                )
+                .await?;
                 let mut incarnation = self.incarnation();
                 if incarnation.id == node {
                     incarnation.indexed.insert(name.to_owned());
@@ -1213,7 +1220,12 @@ impl Broker for RedisBroker {
                 // failure only leaves a room with nothing to reap).
                 2 if indexed => {
                     let removed = self
-                        .command::<i64>(redis::cmd("SREM").arg(node_rooms_key(&node)).arg(name).clone())
+                        .command::<i64>(
+                            redis::cmd("SREM")
+                                .arg(node_rooms_key(&node))
+                                .arg(name)
+                                .clone(),
+                        )
                         .await;
                     if removed.is_ok() {
                         self.incarnation().indexed.remove(name);
@@ -1690,7 +1702,7 @@ async fn run_node_heartbeat(
     let mut tick = tokio::time::interval(broker.inner.node_ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the start beat was this one
-    // The current id expired and a new one is still to be taken.
+                       // The current id expired and a new one is still to be taken.
     let mut lapsed = false;
     loop {
         tick.tick().await;

@@ -218,7 +218,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     let broker = if !args.redis_cluster.is_empty() {
-        Some(switchboard_redis::RedisBroker::cluster(&args.redis_cluster)?)
+        Some(switchboard_redis::RedisBroker::cluster(
+            &args.redis_cluster,
+        )?)
     } else if let Some(url) = &args.redis {
         Some(switchboard_redis::RedisBroker::new(url)?)
     } else {
