@@ -357,7 +357,7 @@ enum Connector {
     /// which each pub/sub connection gets a client of its own (its push
     /// channel is fixed when the client is built).
     Cluster {
-        commands: ClusterClient,
+        commands: Box<ClusterClient>,
         seeds: Vec<ConnectionInfo>,
     },
 }
@@ -505,7 +505,10 @@ impl RedisBroker {
             .map(|url| url.as_ref().into_connection_info().map_err(err))
             .collect::<Result<Vec<_>, _>>()?;
         let commands = cluster_builder(&seeds).build().map_err(err)?;
-        Self::with_connector(Connector::Cluster { commands, seeds })
+        Self::with_connector(Connector::Cluster {
+            commands: Box::new(commands),
+            seeds,
+        })
     }
 
     fn with_connector(connector: Connector) -> Result<Self, BrokerError> {
