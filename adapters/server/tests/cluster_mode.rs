@@ -354,3 +354,119 @@ fn a_node_taken_for_dead_while_alive_comes_back_under_a_new_id() {
         b.assert_running();
     });
 }
+
+/// A bulk string reply, as text.
+fn text(reply: Resp) -> String {
+    match reply {
+        Resp::Bulk(Some(bytes)) => String::from_utf8(bytes).expect("UTF-8"),
+        Resp::Simple(text) => text,
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// Moves the slot of `key` (with its keys) from its master to master `to`,
+/// as `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then
+/// SETSLOT NODE on the target, the source and the other master.
+async fn move_slot(cluster: &RedisCluster, key: &str, to: usize) {
+    let from = cluster.owner(key).await;
+    assert_ne!(from, to, "{key} is on master {to} already");
+    let (source, target) = (cluster.ports[from], cluster.ports[to]);
+    let slot = match redis_command(source, &["CLUSTER", "KEYSLOT", key]).await {
+        Resp::Int(slot) => slot.to_string(),
+        other => panic!("CLUSTER KEYSLOT {key}: {other:?}"),
+    };
+    let source_id = text(redis_command(source, &["CLUSTER", "MYID"]).await);
+    let target_id = text(redis_command(target, &["CLUSTER", "MYID"]).await);
+    let ok = Resp::Simple("OK".into());
+    let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id];
+    assert_eq!(redis_command(target, &importing).await, ok);
+    let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id];
+    assert_eq!(redis_command(source, &migrating).await, ok);
+    loop {
+        let keys = match redis_command(source, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]).await {
+            Resp::Array(Some(keys)) => keys.into_iter().map(text).collect::<Vec<_>>(),
+            other => panic!("CLUSTER GETKEYSINSLOT: {other:?}"),
+        };
+        if keys.is_empty() {
+            break;
+        }
+        let port = target.to_string();
+        let mut migrate = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+        migrate.extend(keys.iter().map(String::as_str));
+        assert_eq!(redis_command(source, &migrate).await, ok);
+    }
+    let mut order = vec![to, from];
+    order.extend((0..cluster.ports.len()).filter(|m| *m != to && *m != from));
+    for master in order {
+        let node = ["CLUSTER", "SETSLOT", &slot, "NODE", &target_id];
+        assert_eq!(redis_command(cluster.ports[master], &node).await, ok);
+    }
+    assert_eq!(cluster.owner(key).await, to, "{key} after the move");
+}
+
+/// A room's slot moves to another master while both nodes have members in
+/// it (resharding): the old master drops the nodes' sharded subscriptions,
+/// they subscribe again on the new one and catch up. The room goes on in a
+/// new epoch (the new master's run id), its members told once with
+/// `joined` (`recovered: false`), and every member gets every later message
+/// once, in order.
+#[test]
+fn a_rooms_slot_moving_to_another_master_keeps_its_members_served() {
+    run(async {
+        let test = "rc-reshard";
+        let cluster = RedisCluster::start(test).await;
+        let room = rooms_on_every_master(&cluster, "moving", 1).await[0][0].clone();
+        let a = Node::start_cluster(test, "a", &cluster, &[]).await;
+        let b = Node::start_cluster(test, "b", &cluster, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        ann.join(&room).await;
+        bob.join(&room).await;
+        let epoch = publish_first(&a, &room, 3, &mut [&mut ann, &mut bob]).await;
+
+        move_slot(&cluster, &format!("sb:{{{room}}}:seq"), 1).await;
+        // Both nodes are subscribed on the new master again.
+        within("both nodes to subscribe on the new master", async {
+            while shard_subscribers(&cluster, &room).await != 2 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+
+        // The new master has another run id: a script cannot tell a slot
+        // that moved with its keys from a failover that lost some, so the
+        // catch-up after the move finds the room in a new epoch, and each
+        // member is told.
+        let mut epochs = std::collections::HashMap::new();
+        for client in [&mut ann, &mut bob] {
+            let told = client
+                .wait_for("joined after the move", |f| {
+                    f["type"] == "joined" && f["room"] == room.as_str()
+                })
+                .await;
+            assert_eq!(told["recovered"], false, "{}: {told}", client.user);
+            assert_eq!(told["seq"], 3, "{}: {told}", client.user);
+            assert_ne!(told["epoch"], epoch.as_str(), "{}: {told}", client.user);
+            epochs.insert(client.user.clone(), told["epoch"].clone());
+        }
+        assert_eq!(epochs["ann"], epochs["bob"]);
+        for i in 4..=6 {
+            let node = if i % 2 == 0 { &a } else { &b };
+            api_publish(node, &room, json!({"i": i})).await;
+        }
+        api_publish(&b, &room, json!({"fence": true})).await;
+        for client in [&mut ann, &mut bob] {
+            let messages = client.messages_until_fence(&room).await;
+            assert_consecutive(&client.user, &messages, 4);
+            assert_eq!(messages.len(), 4, "{}: {messages:?}", client.user);
+            assert_eq!(
+                messages[0]["epoch"], epochs[&client.user],
+                "{}",
+                client.user
+            );
+            client.assert_no_more_messages().await;
+        }
+        let stored = redis_command(cluster.ports[1], &["GET", &format!("sb:{{{room}}}:seq")]).await;
+        assert_eq!(stored, Resp::Bulk(Some(b"7".to_vec())));
+    });
+}
