@@ -421,6 +421,8 @@ struct Inner {
     /// Sharded pub/sub (a Redis Cluster of Redis 7 or later); set at start,
     /// before any channel is named.
     sharded: AtomicBool,
+    /// Whether sharded pub/sub may be used (see [`RedisBroker::sharded_pubsub`]).
+    sharded_allowed: bool,
     /// The command connection, while up.
     link: Mutex<Option<Link>>,
     /// A task is making the command connection again.
@@ -526,6 +528,7 @@ impl RedisBroker {
                     .collect(),
                 events: OnceLock::new(),
                 sharded: AtomicBool::new(false),
+                sharded_allowed: true,
                 link: Mutex::new(None),
                 reconnecting: AtomicBool::new(false),
                 links: AtomicU64::new(0),
@@ -551,6 +554,22 @@ impl RedisBroker {
         Arc::get_mut(&mut self.inner)
             .expect("node_ttl is set before the broker is shared")
             .node_ttl = ttl.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Whether to use sharded pub/sub on a Redis Cluster that has it (Redis
+    /// 7 or later; the default). `false` keeps classic `PUBLISH`/`SUBSCRIBE`,
+    /// which every master relays to the whole cluster, for proxies or
+    /// services that lack `SSUBSCRIBE`. Every node of a deployment must make
+    /// the same choice. No effect on a standalone Redis.
+    ///
+    /// # Panics
+    /// When called after the broker was cloned or started.
+    #[must_use]
+    pub fn sharded_pubsub(mut self, allowed: bool) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("sharded_pubsub is set before the broker is shared")
+            .sharded_allowed = allowed;
         self
     }
 
@@ -792,6 +811,9 @@ impl RedisBroker {
         let Con::Cluster(con) = &link.con else {
             return Ok(false);
         };
+        if !self.inner.sharded_allowed {
+            return Ok(false);
+        }
         let mut con = con.clone();
         let mut info = redis::cmd("INFO");
         info.arg("server");
@@ -1429,20 +1451,26 @@ impl Sink {
     async fn subscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
         match self {
             Self::Standalone(sink) => sink.subscribe(names).await,
-            Self::Cluster {
-                con,
-                sharded: false,
-            } => con.subscribe(names).await,
-            Self::Cluster { con, sharded: true } => {
-                // One SSUBSCRIBE per slot (a server refuses channels of
-                // several slots in one), all sent at once.
+            Self::Cluster { con, sharded } => {
+                // One command per slot, all sent at once: a server refuses
+                // sharded channels of several slots in one, and a classic
+                // subscription must sit on its channel's master, where a
+                // `PUBLISH` to it is routed and counts its receivers (a
+                // cluster node counts only its own).
                 let mut slots: HashMap<Slot, Vec<&String>> = HashMap::new();
                 for name in names {
                     slots.entry(Slot::for_key(name)).or_default().push(name);
                 }
+                let sharded = *sharded;
                 let sent = slots.into_values().map(|names| {
                     let mut con = con.clone();
-                    async move { con.ssubscribe(names).await }
+                    async move {
+                        if sharded {
+                            con.ssubscribe(names).await
+                        } else {
+                            con.subscribe(names).await
+                        }
+                    }
                 });
                 futures_util::future::try_join_all(sent).await.map(drop)
             }
