@@ -1,4 +1,5 @@
-//! Processes and clients the cluster tests share: a real `redis-server`,
+//! Processes and clients the cluster tests share: a real `redis-server` (or
+//! a real Redis Cluster of three),
 //! `switchboard` nodes, a TCP proxy that can blackhole traffic, WebSocket
 //! clients, and the HTTP publish API. Every wait is bounded by [`WAIT`].
 
