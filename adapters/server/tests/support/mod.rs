@@ -1,7 +1,7 @@
 //! Processes and clients the cluster tests share: a real `redis-server` (or
-//! a real Redis Cluster of three),
-//! `switchboard` nodes, a TCP proxy that can blackhole traffic, WebSocket
-//! clients, and the HTTP publish API. Every wait is bounded by [`WAIT`].
+//! a real Redis Cluster of three masters), `switchboard` nodes, a TCP proxy
+//! that can blackhole traffic, WebSocket clients, and the HTTP publish API.
+//! Every wait is bounded by [`WAIT`].
 
 #![allow(dead_code)] // each test file uses its own part of it
 
