@@ -972,34 +972,31 @@ impl RedisBroker {
                 continue;
             };
             let channel = self.room_channel(&name);
-            let gone: Result<i64, _> = self
+            let room_name = room.as_str();
+            let gone: i64 = self
                 .call(|mut con, _| async move {
                     self.inner
                         .reap_room
-                        .key(room_key(&room, &format!("node:{other}")))
-                        .key(room_key(&room, "users"))
-                        .key(room_key(&room, "announce"))
-                        .key(room_key(&room, "ttl"))
-                        .key(room_key(&room, "seq"))
-                        .key(room_key(&room, "epoch"))
-                        .key(room_key(&room, "log"))
-                        .key(room_key(&room, "run"))
-                        .key(room_key(&room, &format!("reaped:{other}")))
-                        .arg(&room)
+                        .key(room_key(room_name, &format!("node:{other}")))
+                        .key(room_key(room_name, "users"))
+                        .key(room_key(room_name, "announce"))
+                        .key(room_key(room_name, "ttl"))
+                        .key(room_key(room_name, "seq"))
+                        .key(room_key(room_name, "epoch"))
+                        .key(room_key(room_name, "log"))
+                        .key(room_key(room_name, "run"))
+                        .key(room_key(room_name, &format!("reaped:{other}")))
+                        .arg(room_name)
                         .arg(millis(DEFAULT_HISTORY_TTL))
                         .arg(millis(REAPED_MARK_TTL))
                         .arg(self.publish_command())
                         .arg(channel)
                         .invoke_async(&mut con)
                         .await
-                        .map(|gone| (gone, room))
                 })
-                .await
-                .map(|(gone, room)| {
-                    reaped.push(room);
-                    gone
-                });
-            users += gone?;
+                .await?;
+            users += gone;
+            reaped.push(room);
         }
         if !reaped.is_empty() {
             self.command::<i64>(redis::cmd("SREM").arg(&index).arg(&reaped).clone())
