@@ -470,3 +470,60 @@ fn a_rooms_slot_moving_to_another_master_keeps_its_members_served() {
         assert_eq!(stored, Resp::Bulk(Some(b"7".to_vec())));
     });
 }
+
+/// The masters close every subscription connection (`CLIENT KILL TYPE
+/// pubsub`) while messages flow: each node makes its subscriptions again
+/// and catches up, so its member gets every message once, in order.
+#[test]
+fn lost_subscription_connections_are_made_again_and_caught_up() {
+    run(async {
+        let test = "rc-pubsub-lost";
+        let cluster = RedisCluster::start(test).await;
+        let rooms: Vec<String> = rooms_on_every_master(&cluster, "feed", 1).await.concat();
+        let a = Node::start_cluster(test, "a", &cluster, &[]).await;
+        let b = Node::start_cluster(test, "b", &cluster, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        for room in &rooms {
+            ann.join(room).await;
+            publish_first(&b, room, 2, &mut [&mut ann]).await;
+        }
+
+        for &port in &cluster.ports {
+            match redis_command(port, &["CLIENT", "KILL", "TYPE", "pubsub"]).await {
+                Resp::Int(killed) => assert!(killed >= 1, "port {port}: {killed}"),
+                other => panic!("CLIENT KILL: {other:?}"),
+            }
+        }
+        for room in &rooms {
+            for i in 3..=5 {
+                api_publish(&b, room, json!({"i": i})).await;
+            }
+        }
+        // The subscriptions are back on every master before the fences.
+        for room in &rooms {
+            within("node a to subscribe again", async {
+                while shard_subscribers(&cluster, room).await != 1 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            api_publish(&b, room, json!({"fence": true})).await;
+        }
+        let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut fenced = 0;
+        while fenced < rooms.len() {
+            let message = ann.next_message().await;
+            if message["data"]["fence"] == true {
+                fenced += 1;
+            }
+            let room = message["room"].as_str().expect("room").to_owned();
+            by_room.entry(room).or_default().push(message);
+        }
+        for room in &rooms {
+            let messages = &by_room[room];
+            assert_consecutive(&format!("ann in {room}"), messages, 3);
+            assert_eq!(messages.len(), 4, "{room}: {messages:?}");
+        }
+        ann.assert_no_more_messages().await;
+    });
+}
