@@ -326,9 +326,9 @@ return #gone
 const HEARTBEAT: &str = r#"
 -- KEYS: this node's alive key. ARGV: ttl_ms, run id.
 -- Returns {1 if the key was still there, else 0; the Redis run id}.
-local had = redis.call('SET', KEYS[1], 1, 'PX', ARGV[1], 'GET')
-local alive = 0
-if had then alive = 1 end
+-- (EXISTS then SET rather than SET … GET, which needs Redis 6.2.)
+local alive = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
 return {alive, this_run(ARGV[2])}
 "#;
 
