@@ -13,29 +13,44 @@
 //!   channel while it has members there, to a user's channel while it holds
 //!   one of the user's sessions, and to a session's channel while it is open.
 //! - **Presence spans nodes.** Each node records its users per room both in
-//!   the room's cluster-wide hash and in a hash of its own, which makes every
-//!   change idempotent per node (safe to retry, to undo when it never
-//!   landed, to record again); a node refreshes an "alive" key every few
-//!   seconds, and any node that sees another's key expire removes that
-//!   node's users and announces their leaves.
+//!   the room's cluster-wide hash and in a hash of its own in the room's
+//!   slot (`sb:{room}:node:<id>`), which makes every change idempotent per
+//!   node (safe to retry, to undo when it never landed, to record again); a
+//!   set per node (`sb:node:<id>:rooms`) indexes the rooms it has presence
+//!   in. A node refreshes an "alive" key every few seconds, and any node that
+//!   sees another's key expire removes that node's users room by room and
+//!   announces their leaves. A node that finds its own key had expired takes
+//!   a new id (an *incarnation*) and records its presence again under it;
+//!   the old id is reaped like any dead node's.
 //! - **Redis going away** fails publishes with an error at once (nothing is
 //!   queued), leaves local sessions connected, and reconnects with backoff;
 //!   after a reconnect the runtime records its presence again and brings its
 //!   rooms up to date; a node whose missed messages are no longer kept
 //!   tells its own members (`recovered: false`), and the room keeps its
 //!   epoch and history for everyone else.
+//! - **Redis Cluster** ([`RedisBroker::cluster`]): every script touches the
+//!   keys of one room, all in the room's hash slot (`sb:{room}:…`); room
+//!   messages go out with sharded pub/sub (`SPUBLISH` to `sb:{room}:ch`,
+//!   `SSUBSCRIBE`) when the servers have it (Redis 7), classic pub/sub
+//!   otherwise; and scripts read the run id of the master they run on.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::aio::{ConnectionLike, MultiplexedConnection, PubSubSink};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, Script};
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
+    ProtocolVersion, PushInfo, PushKind, RedisError, RedisFuture, Script,
+};
 use switchboard_core::{Epoch, RoomName, Sid, UserId};
 use switchboard_runtime::async_trait;
 use switchboard_runtime::broker::{
@@ -65,26 +80,31 @@ const SUBSCRIBE_BATCH: usize = 256;
 /// Rooms per pipeline when the runtime checks room positions.
 const POSITIONS_BATCH: usize = 256;
 
+/// How long a reaped node's mark stays in a room: a presence write of that
+/// node id still on its way when it was reaped is refused meanwhile (the
+/// node then takes a new id). Later ones land, and are reaped again.
+const REAPED_MARK_TTL: Duration = Duration::from_secs(3600);
+/// Presence writes of one node are serialized per room through one of this
+/// many locks, so that the node's room index never misses a room it has
+/// presence in.
+const PRESENCE_LOCKS: usize = 64;
+
 /// Keys of one room, in one hash slot (`{room}`).
 fn room_key(room: &str, what: &str) -> String {
     format!("sb:{{{room}}}:{what}")
 }
 
-fn channel_name(channel: &Channel) -> String {
-    match channel {
-        Channel::Room(room) => format!("sb:r:{room}"),
-        Channel::User(user) => format!("sb:u:{user}"),
-        Channel::Sid(sid) => format!("sb:s:{sid}"),
-    }
-}
-
 // Room keys, all in the room's hash slot: `seq`, `epoch`, `log` (the capped
 // stream of its history), `users` (user → how many nodes have them there),
-// `announce` (set while the room announces presence), `ttl` (its
-// `history_ttl` in ms, while it has users, for the reaper), `run` (the run
-// id of the Redis that started or last checked the epoch). A room's `seq`,
-// `epoch`, `log` and `run` never expire while `users` exists; they expire
-// `ttl` after the last user left (or after the last message, if later).
+// `node:<id>` (user → 1, the users node `<id>` has there), `reaped:<id>`
+// (node `<id>` was reaped here), `announce` (set while the room announces
+// presence), `ttl` (its `history_ttl` in ms, while it has users, for the
+// reaper), `run` (the run id of the Redis that started or last checked the
+// epoch). A room's `seq`, `epoch`, `log` and `run` never expire while
+// `users` exists; they expire `ttl` after the last user left (or after the
+// last message, if later). Node keys: `sb:nodes` (the set of node ids),
+// `sb:node:<id>:alive`, `sb:node:<id>:rooms` (the rooms where the node may
+// have presence).
 
 /// Prepended to every script that sets or reads a room's epoch or changes
 /// its TTL. `run` follows `epoch`'s TTL. `check_run` moves a room to a new
@@ -93,7 +113,14 @@ fn channel_name(channel: &Channel) -> String {
 /// the latest messages, so the `seq` it goes on from could be handed out
 /// again in the same epoch; a new epoch makes that impossible (`seq` goes
 /// on counting, the kept history, of the old epoch, is dropped).
+/// `this_run` is the run id the node passed, or (in a Redis Cluster, where
+/// the node cannot know which master a script runs on) the run id of the
+/// server running the script.
 const RUN_HELPERS: &str = r#"
+local function this_run(given)
+  if given ~= '' then return given end
+  return string.match(redis.call('INFO', 'server'), 'run_id:(%w+)')
+end
 local function keep_run(epoch_key, run_key)
   local ttl = redis.call('PTTL', epoch_key)
   if ttl > 0 then
@@ -118,20 +145,22 @@ end
 
 const PUBLISH: &str = r#"
 -- KEYS: seq, epoch, log, users, run, this publish's key.
--- ARGV: room, body, exclude, history, ttl_ms, new_epoch, run id, key ttl_ms
+-- ARGV: room, body, exclude, history, ttl_ms, new_epoch, run id, key ttl_ms,
+--       publish command, room channel
 local done = redis.call('GET', KEYS[6])
 if done then
   -- Published already (a retry whose first try landed): its seq and epoch.
   local sep = string.find(done, '|', 1, true)
   return {tonumber(string.sub(done, 1, sep - 1)), string.sub(done, sep + 1)}
 end
-local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], ARGV[7], ARGV[6])
+local run = this_run(ARGV[7])
+local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], run, ARGV[6])
 if not epoch then
   epoch = ARGV[6]
   redis.call('SET', KEYS[2], epoch)
   redis.call('SET', KEYS[1], 0)
   redis.call('DEL', KEYS[3])
-  redis.call('SET', KEYS[5], ARGV[7])
+  redis.call('SET', KEYS[5], run)
 end
 local seq = redis.call('INCR', KEYS[1])
 local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',"epoch":"' .. epoch .. '",' .. ARGV[2] .. '}'
@@ -150,7 +179,7 @@ else
 end
 keep_run(KEYS[2], KEYS[5])
 redis.call('SET', KEYS[6], seq .. '|' .. epoch, 'PX', ARGV[8])
-redis.call('PUBLISH', 'sb:r:' .. ARGV[1], 'm|' .. seq .. '|' .. epoch .. '|' .. ARGV[3] .. '|' .. frame)
+redis.call(ARGV[9], ARGV[10], 'm|' .. seq .. '|' .. epoch .. '|' .. ARGV[3] .. '|' .. frame)
 return {seq, epoch}
 "#;
 
@@ -158,13 +187,14 @@ const ROOM_STATE: &str = r#"
 -- KEYS: seq, epoch, log, users, run.
 -- ARGV: since_seq (-1: none), since_epoch, new_epoch, ttl_ms, resync (1/0), run id
 local present = redis.call('EXISTS', KEYS[4]) == 1
-local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], ARGV[6], ARGV[3])
+local run = this_run(ARGV[6])
+local epoch = check_run(KEYS[2], KEYS[3], KEYS[5], run, ARGV[3])
 if not epoch then
   epoch = ARGV[3]
   redis.call('SET', KEYS[2], epoch)
   redis.call('SET', KEYS[1], 0)
   redis.call('DEL', KEYS[3])
-  redis.call('SET', KEYS[5], ARGV[6])
+  redis.call('SET', KEYS[5], run)
   if not present then
     redis.call('PEXPIRE', KEYS[1], ARGV[4])
     redis.call('PEXPIRE', KEYS[2], ARGV[4])
@@ -205,19 +235,23 @@ return {seq, epoch, users, 0}
 "#;
 
 const PRESENCE: &str = r#"
--- KEYS: room users, node presence, room announce, room ttl, room seq, room epoch, room log,
---       room run.
--- ARGV: present (1/0), user, room, node field, subject sid, announce (1/0),
---       quiet (1/0), ttl_ms
+-- KEYS: room users, this node's users in the room, room announce, room ttl,
+--       room seq, room epoch, room log, room run, this node's reaped mark.
+-- ARGV: present (1/0), user, room, subject sid, announce (1/0), quiet (1/0),
+--       ttl_ms, publish command, room channel
+-- Returns {count, node}: node is 1 when this node's hash in the room was
+-- just made, 2 when it is empty; {-1, 0} when this node id was reaped here.
 -- Idempotent per node: the node's own hash says whether this node counts
 -- the user in the room, so repeating a change, or undoing one that never
 -- landed, changes nothing.
+if redis.call('EXISTS', KEYS[9]) == 1 then return {-1, 0} end
 local join = ARGV[1] == '1'
+local had = redis.call('EXISTS', KEYS[2]) == 1
 local changed
 if join then
-  changed = redis.call('HSETNX', KEYS[2], ARGV[4], 1) == 1
+  changed = redis.call('HSETNX', KEYS[2], ARGV[2], 1) == 1
 else
-  changed = redis.call('HDEL', KEYS[2], ARGV[4]) == 1
+  changed = redis.call('HDEL', KEYS[2], ARGV[2]) == 1
 end
 local nodes = 0
 if changed then
@@ -230,64 +264,72 @@ if changed then
 end
 local count = redis.call('HLEN', KEYS[1])
 if count > 0 then
-  if ARGV[6] == '1' then redis.call('SET', KEYS[3], 1) end
-  redis.call('SET', KEYS[4], ARGV[8])
+  if ARGV[5] == '1' then redis.call('SET', KEYS[3], 1) end
+  redis.call('SET', KEYS[4], ARGV[7])
   redis.call('PERSIST', KEYS[5])
   redis.call('PERSIST', KEYS[6])
   redis.call('PERSIST', KEYS[7])
 else
   redis.call('DEL', KEYS[3], KEYS[4])
-  redis.call('PEXPIRE', KEYS[5], ARGV[8])
-  redis.call('PEXPIRE', KEYS[6], ARGV[8])
-  redis.call('PEXPIRE', KEYS[7], ARGV[8])
+  redis.call('PEXPIRE', KEYS[5], ARGV[7])
+  redis.call('PEXPIRE', KEYS[6], ARGV[7])
+  redis.call('PEXPIRE', KEYS[7], ARGV[7])
 end
 keep_run(KEYS[6], KEYS[8])
-if changed and ARGV[6] == '1' and ARGV[7] ~= '1' and ((join and nodes == 1) or (not join and nodes <= 0)) then
+if changed and ARGV[5] == '1' and ARGV[6] ~= '1' and ((join and nodes == 1) or (not join and nodes <= 0)) then
   local action = 'join'
   if not join then action = 'leave' end
   local frame = '{"type":"presence","room":"' .. ARGV[3] .. '","action":"' .. action .. '","user":' .. cjson.encode(ARGV[2]) .. ',"count":' .. count .. '}'
-  redis.call('PUBLISH', 'sb:r:' .. ARGV[3], 'p|' .. ARGV[5] .. '|' .. frame)
+  redis.call(ARGV[8], ARGV[9], 'p|' .. ARGV[4] .. '|' .. frame)
 end
-return count
+local node = 0
+local has = redis.call('EXISTS', KEYS[2]) == 1
+if has and not had then node = 1 elseif not has then node = 2 end
+return {count, node}
 "#;
 
-const REAP: &str = r#"
--- KEYS: dead node's presence, its alive key, the node set.
--- ARGV: dead node id, default ttl_ms
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local entries = redis.call('HGETALL', KEYS[1])
-for i = 1, #entries, 2 do
-  local field = entries[i]
-  local n = tonumber(entries[i + 1])
-  local sep = string.find(field, '\n', 1, true)
-  local room = string.sub(field, 1, sep - 1)
-  local user = string.sub(field, sep + 1)
-  local prefix = 'sb:{' .. room .. '}:'
-  local users = prefix .. 'users'
-  local tabs = redis.call('HINCRBY', users, user, -n)
-  if tabs <= 0 then
-    redis.call('HDEL', users, user)
-    local count = redis.call('HLEN', users)
-    if redis.call('EXISTS', prefix .. 'announce') == 1 then
-      local frame = '{"type":"presence","room":"' .. room .. '","action":"leave","user":' .. cjson.encode(user) .. ',"count":' .. count .. '}'
-      redis.call('PUBLISH', 'sb:r:' .. room, 'p||' .. frame)
-    end
-    if count == 0 then
-      -- At least ARGV[2]: the node may be alive (paused, cut off) with
-      -- members still connected, and will record them again when it is
-      -- back; the room's history must outlive that.
-      local ttl = math.max(tonumber(redis.call('GET', prefix .. 'ttl') or ARGV[2]), tonumber(ARGV[2]))
-      redis.call('DEL', prefix .. 'announce', prefix .. 'ttl')
-      redis.call('PEXPIRE', prefix .. 'seq', ttl)
-      redis.call('PEXPIRE', prefix .. 'epoch', ttl)
-      redis.call('PEXPIRE', prefix .. 'log', ttl)
-      keep_run(prefix .. 'epoch', prefix .. 'run')
+const REAP_ROOM: &str = r#"
+-- KEYS: the dead node's users in the room, room users, announce, ttl, seq,
+--       epoch, log, run, the dead node's reaped mark.
+-- ARGV: room, default ttl_ms, mark ttl_ms, publish command, room channel
+-- Idempotent: a room reaped already has nothing left of the node.
+redis.call('SET', KEYS[9], 1, 'PX', ARGV[3])
+local gone = redis.call('HKEYS', KEYS[1])
+redis.call('DEL', KEYS[1])
+local left = false
+for _, user in ipairs(gone) do
+  local nodes = redis.call('HINCRBY', KEYS[2], user, -1)
+  if nodes <= 0 then
+    left = true
+    redis.call('HDEL', KEYS[2], user)
+    if redis.call('EXISTS', KEYS[3]) == 1 then
+      local count = redis.call('HLEN', KEYS[2])
+      local frame = '{"type":"presence","room":"' .. ARGV[1] .. '","action":"leave","user":' .. cjson.encode(user) .. ',"count":' .. count .. '}'
+      redis.call(ARGV[4], ARGV[5], 'p||' .. frame)
     end
   end
 end
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
+if left and redis.call('HLEN', KEYS[2]) == 0 then
+  -- At least ARGV[2]: the node may be alive (paused, cut off) with
+  -- members still connected, and will record them again when it is
+  -- back; the room's history must outlive that.
+  local ttl = math.max(tonumber(redis.call('GET', KEYS[4]) or ARGV[2]), tonumber(ARGV[2]))
+  redis.call('DEL', KEYS[3], KEYS[4])
+  redis.call('PEXPIRE', KEYS[5], ttl)
+  redis.call('PEXPIRE', KEYS[6], ttl)
+  redis.call('PEXPIRE', KEYS[7], ttl)
+  keep_run(KEYS[6], KEYS[8])
+end
+return #gone
+"#;
+
+const HEARTBEAT: &str = r#"
+-- KEYS: this node's alive key. ARGV: ttl_ms, run id.
+-- Returns {1 if the key was still there, else 0; the Redis run id}.
+-- (EXISTS then SET rather than SET … GET, which needs Redis 6.2.)
+local alive = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], 1, 'PX', ARGV[1])
+return {alive, this_run(ARGV[2])}
 "#;
 
 /// The Redis broker. Cheap to clone; give it to `Switchboard::builder().broker(...)`.
@@ -299,15 +341,88 @@ pub struct RedisBroker {
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
-            .field("node", &self.inner.node)
+            .field("node", &self.node())
+            .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
 }
 
+/// How the broker reaches Redis. The rest of the broker only sees [`Con`]
+/// and [`Sink`]/[`Heard`], so another way in (Sentinel, TLS) is one more
+/// variant here.
+enum Connector {
+    /// One Redis server.
+    Standalone(Client),
+    /// A Redis Cluster: a client for commands, and its seed nodes, from
+    /// which each pub/sub connection gets a client of its own (its push
+    /// channel is fixed when the client is built).
+    Cluster {
+        commands: Box<ClusterClient>,
+        seeds: Vec<ConnectionInfo>,
+    },
+}
+
+/// A command connection of either kind; scripts and pipelines run on it
+/// unchanged (a cluster connection routes each command to its slot's
+/// master).
+#[derive(Clone)]
+enum Con {
+    Standalone(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Con {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Standalone(con) => con.req_packed_command(cmd),
+            Self::Cluster(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Standalone(con) => con.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(con) => con.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Standalone(con) => con.get_db(),
+            Self::Cluster(con) => con.get_db(),
+        }
+    }
+}
+
+/// This node's id, and the rooms its id's index (`sb:node:<id>:rooms`) is
+/// known to hold.
+struct Incarnation {
+    id: Arc<str>,
+    indexed: HashSet<String>,
+}
+
 struct Inner {
-    client: Client,
-    node: String,
+    connector: Connector,
     node_ttl: Duration,
+    /// The current incarnation; replaced when the node finds it was taken
+    /// for dead.
+    incarnation: Mutex<Incarnation>,
+    /// Held while the node takes a new id.
+    reincarnating: tokio::sync::Mutex<()>,
+    /// Serialize this node's presence writes per room (striped).
+    presence_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Where [`BrokerEvent::Reaped`] goes; set at start.
+    events: OnceLock<mpsc::Sender<BrokerEvent>>,
+    /// Sharded pub/sub (a Redis Cluster of Redis 7 or later); set at start,
+    /// before any channel is named.
+    sharded: AtomicBool,
+    /// Whether sharded pub/sub may be used (see [`RedisBroker::sharded_pubsub`]).
+    sharded_allowed: bool,
     /// The command connection, while up.
     link: Mutex<Option<Link>>,
     /// A task is making the command connection again.
@@ -316,14 +431,46 @@ struct Inner {
     links: AtomicU64,
     started: OnceCell<()>,
     /// The subscription half of the pub/sub connection, while connected.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    sink: tokio::sync::Mutex<Option<Sink>>,
     /// Channels this node wants, re-subscribed after a reconnect.
     // A std Mutex: only set operations happen under it.
     wanted: Mutex<HashSet<String>>,
     publish: Script,
     room_state: Script,
     presence: Script,
-    reap: Script,
+    reap_room: Script,
+    heartbeat: Script,
+}
+
+/// TCP settings of every connection. TCP_NODELAY: a publish is one small
+/// write that must not wait for an ACK. Keepalive and TCP_USER_TIMEOUT make
+/// the kernel give up on a peer that stopped answering (dead host, NAT
+/// timeout) within seconds; the pub/sub PING and the command timeouts notice
+/// even what they cannot (a middlebox that keeps the socket open).
+fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(Duration::from_secs(8))
+}
+
+/// A Redis Cluster client on `seeds`, with the broker's timeouts (each
+/// command, retries included, within [`RESPONSE_TIMEOUT`]).
+fn cluster_builder(seeds: &[ConnectionInfo]) -> ClusterClientBuilder {
+    ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(RESPONSE_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        .tcp_settings(tcp_settings())
+}
+
+fn new_node_id() -> Result<String, BrokerError> {
+    let mut id = [0u8; 8];
+    getrandom::fill(&mut id).map_err(|e| BrokerError(format!("no randomness: {e}")))?;
+    Ok(id.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl RedisBroker {
@@ -333,32 +480,55 @@ impl RedisBroker {
     /// # Errors
     /// When the URL is not a Redis URL.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        // TCP_NODELAY: a publish is one small write that must not wait for
-        // an ACK. Keepalive and TCP_USER_TIMEOUT make the kernel give up on
-        // a peer that stopped answering (dead host, NAT timeout) within
-        // seconds; the pub/sub PING and the command timeouts notice even
-        // what they cannot (a middlebox that keeps the socket open).
-        let keepalive = TcpKeepalive::new()
-            .with_time(Duration::from_secs(5))
-            .with_interval(Duration::from_secs(1))
-            .with_retries(3);
-        let tcp = TcpSettings::default()
-            .set_nodelay(true)
-            .set_keepalive(keepalive)
-            .set_user_timeout(Duration::from_secs(8));
         let info = url
             .into_connection_info()
             .map_err(err)?
-            .set_tcp_settings(tcp);
+            .set_tcp_settings(tcp_settings());
         let client = Client::open(info).map_err(err)?;
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(|e| BrokerError(format!("no randomness: {e}")))?;
-        let node = id.iter().map(|b| format!("{b:02x}")).collect();
+        Self::with_connector(Connector::Standalone(client))
+    }
+
+    /// A broker for the Redis Cluster reached through `urls`, its seed nodes
+    /// (`redis://10.0.0.1:6379`; one reachable seed is enough, the others
+    /// are found from it). Connects when the Switchboard starts it.
+    ///
+    /// Every script touches the keys of one room only (one hash slot);
+    /// room, user and session channels are sharded (`SSUBSCRIBE`) when the
+    /// cluster runs Redis 7 or later.
+    ///
+    /// # Errors
+    /// When `urls` is empty or one of them is not a Redis URL.
+    pub fn cluster<S: AsRef<str>>(urls: &[S]) -> Result<Self, BrokerError> {
+        if urls.is_empty() {
+            return Err(BrokerError("a Redis Cluster needs a seed node URL".into()));
+        }
+        let seeds = urls
+            .iter()
+            .map(|url| url.as_ref().into_connection_info().map_err(err))
+            .collect::<Result<Vec<_>, _>>()?;
+        let commands = cluster_builder(&seeds).build().map_err(err)?;
+        Self::with_connector(Connector::Cluster {
+            commands: Box::new(commands),
+            seeds,
+        })
+    }
+
+    fn with_connector(connector: Connector) -> Result<Self, BrokerError> {
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
-                node,
+                connector,
                 node_ttl: DEFAULT_NODE_TTL,
+                incarnation: Mutex::new(Incarnation {
+                    id: Arc::from(new_node_id()?),
+                    indexed: HashSet::new(),
+                }),
+                reincarnating: tokio::sync::Mutex::new(()),
+                presence_locks: (0..PRESENCE_LOCKS)
+                    .map(|_| tokio::sync::Mutex::new(()))
+                    .collect(),
+                events: OnceLock::new(),
+                sharded: AtomicBool::new(false),
+                sharded_allowed: true,
                 link: Mutex::new(None),
                 reconnecting: AtomicBool::new(false),
                 links: AtomicU64::new(0),
@@ -368,7 +538,8 @@ impl RedisBroker {
                 publish: Script::new(&format!("{RUN_HELPERS}{PUBLISH}")),
                 room_state: Script::new(&format!("{RUN_HELPERS}{ROOM_STATE}")),
                 presence: Script::new(&format!("{RUN_HELPERS}{PRESENCE}")),
-                reap: Script::new(&format!("{RUN_HELPERS}{REAP}")),
+                reap_room: Script::new(&format!("{RUN_HELPERS}{REAP_ROOM}")),
+                heartbeat: Script::new(&format!("{RUN_HELPERS}{HEARTBEAT}")),
             }),
         })
     }
@@ -386,10 +557,74 @@ impl RedisBroker {
         self
     }
 
-    /// This node's id in the cluster.
+    /// Whether to use sharded pub/sub on a Redis Cluster that has it (Redis
+    /// 7 or later; the default). `false` keeps classic `PUBLISH`/`SUBSCRIBE`,
+    /// which every master relays to the whole cluster, for proxies or
+    /// services that lack `SSUBSCRIBE`. Every node of a deployment must make
+    /// the same choice. No effect on a standalone Redis.
+    ///
+    /// # Panics
+    /// When called after the broker was cloned or started.
     #[must_use]
-    pub fn node_id(&self) -> &str {
-        &self.inner.node
+    pub fn sharded_pubsub(mut self, allowed: bool) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("sharded_pubsub is set before the broker is shared")
+            .sharded_allowed = allowed;
+        self
+    }
+
+    /// This node's id in the cluster. It changes when the node finds it
+    /// was taken for dead (it then goes on under a new id).
+    #[must_use]
+    pub fn node_id(&self) -> String {
+        self.node().to_string()
+    }
+
+    /// Whether this broker speaks to a Redis Cluster.
+    #[must_use]
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.connector, Connector::Cluster { .. })
+    }
+
+    fn node(&self) -> Arc<str> {
+        Arc::clone(&self.incarnation().id)
+    }
+
+    fn incarnation(&self) -> std::sync::MutexGuard<'_, Incarnation> {
+        self.inner
+            .incarnation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sharded(&self) -> bool {
+        self.inner.sharded.load(Ordering::Acquire)
+    }
+
+    /// The command that publishes on a channel: `SPUBLISH` when sharded.
+    fn publish_command(&self) -> &'static str {
+        if self.sharded() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// A channel's name. Sharded channels carry a hash tag: a room's
+    /// channel is in the room's slot, so that its scripts may publish on it.
+    fn channel_name(&self, channel: &Channel) -> String {
+        match (channel, self.sharded()) {
+            (Channel::Room(room), false) => format!("sb:r:{room}"),
+            (Channel::Room(room), true) => room_key(room.as_str(), "ch"),
+            (Channel::User(user), false) => format!("sb:u:{user}"),
+            (Channel::User(user), true) => format!("sb:u:{{{user}}}"),
+            (Channel::Sid(sid), false) => format!("sb:s:{sid}"),
+            (Channel::Sid(sid), true) => format!("sb:s:{{{sid}}}"),
+        }
+    }
+
+    fn room_channel(&self, room: &RoomName) -> String {
+        self.channel_name(&Channel::Room(room.clone()))
     }
 
     /// Runs `f` on the command connection. Fails at once while the
@@ -398,7 +633,7 @@ impl RedisBroker {
     /// blackholed connection) drops it, so the next call gets a new one.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(MultiplexedConnection, Arc<str>) -> Fut,
+        F: FnOnce(Con, Arc<str>) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         self.call_checked(f).await.map_err(|(e, _)| e)
@@ -408,7 +643,7 @@ impl RedisBroker {
     /// was sent and its answer lost (it may have taken effect).
     async fn call_checked<T, F, Fut>(&self, f: F) -> Result<T, (BrokerError, bool)>
     where
-        F: FnOnce(MultiplexedConnection, Arc<str>) -> Fut,
+        F: FnOnce(Con, Arc<str>) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let link = self.link().map_err(|e| (e, false))?;
@@ -420,6 +655,15 @@ impl RedisBroker {
             }
             (err(e), lost)
         })
+    }
+
+    /// One command on the command connection.
+    async fn command<T: redis::FromRedisValue>(
+        &self,
+        command: redis::Cmd,
+    ) -> Result<T, BrokerError> {
+        self.call(|mut con, _| async move { command.query_async(&mut con).await })
+            .await
     }
 
     /// Waits up to `limit` for a command connection; false if none came.
@@ -443,6 +687,7 @@ impl RedisBroker {
     ) -> Result<(u64, String), (BrokerError, bool)> {
         let room = request.room.as_str();
         let done = room_key(room, &format!("pub:{}", request.key));
+        let channel = self.room_channel(request.room);
         self.call_checked(|mut con, run_id| async move {
             self.inner
                 .publish
@@ -460,6 +705,8 @@ impl RedisBroker {
                 .arg(request.new_epoch)
                 .arg(&*run_id)
                 .arg(millis(PUBLISH_KEY_TTL))
+                .arg(self.publish_command())
+                .arg(channel)
                 .invoke_async(&mut con)
                 .await
         })
@@ -525,30 +772,60 @@ impl RedisBroker {
         });
     }
 
-    /// A new command connection, and the run id of the Redis it reached.
+    /// A new command connection, and the run id of the Redis it reached
+    /// (empty for a cluster: its scripts read the run id of their master).
     async fn connect_link(&self) -> redis::RedisResult<Link> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(RESPONSE_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let mut con = self
-            .inner
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut con)
-            .await?;
-        let run_id = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(str::trim)
-            .unwrap_or_default();
+        let (con, run_id) = match &self.inner.connector {
+            Connector::Standalone(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(RESPONSE_TIMEOUT))
+                    .set_response_timeout(Some(RESPONSE_TIMEOUT));
+                let mut con = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                let info: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut con)
+                    .await?;
+                let run_id = info_field(&info, "run_id").unwrap_or_default().to_owned();
+                (Con::Standalone(con), run_id)
+            }
+            Connector::Cluster { commands, .. } => {
+                let con = tokio::time::timeout(RESPONSE_TIMEOUT, commands.get_async_connection())
+                    .await
+                    .map_err(|_| timed_out("connecting to the Redis Cluster"))??;
+                (Con::Cluster(con), String::new())
+            }
+        };
         Ok(Link {
             con,
             run_id: Arc::from(run_id),
             id: self.inner.links.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Whether the cluster has sharded pub/sub (Redis 7 or later), asked of
+    /// one of its nodes; never for a standalone Redis, whose channels stay
+    /// as they were.
+    async fn detect_sharded(&self, link: &Link) -> redis::RedisResult<bool> {
+        let Con::Cluster(con) = &link.con else {
+            return Ok(false);
+        };
+        if !self.inner.sharded_allowed {
+            return Ok(false);
+        }
+        let mut con = con.clone();
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let value = con
+            .route_command(info, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+            .await?;
+        let info = String::from_redis_value(value)?;
+        let major = info_field(&info, "redis_version")
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0);
+        Ok(major >= 7)
     }
 
     async fn room_state_script(
@@ -583,21 +860,195 @@ impl RedisBroker {
         parse_room_state(&reply, since)
     }
 
-    fn node_presence_key(&self) -> String {
-        format!("sb:node:{}:presence", self.inner.node)
+    /// One presence write under node id `node`: `{count, node state}` as
+    /// the PRESENCE script answers.
+    async fn presence_script(
+        &self,
+        update: &PresenceUpdate<'_>,
+        node: &str,
+    ) -> Result<(i64, i64), BrokerError> {
+        let name = update.room.as_str();
+        let channel = self.room_channel(update.room);
+        self.call(|mut con, _| async move {
+            self.inner
+                .presence
+                .key(room_key(name, "users"))
+                .key(room_key(name, &format!("node:{node}")))
+                .key(room_key(name, "announce"))
+                .key(room_key(name, "ttl"))
+                .key(room_key(name, "seq"))
+                .key(room_key(name, "epoch"))
+                .key(room_key(name, "log"))
+                .key(room_key(name, "run"))
+                .key(room_key(name, &format!("reaped:{node}")))
+                .arg(if update.present { "1" } else { "0" })
+                .arg(update.user.as_str())
+                .arg(name)
+                .arg(update.subject.as_str())
+                .arg(if update.announce { "1" } else { "0" })
+                .arg(if update.quiet { "1" } else { "0" })
+                .arg(millis(update.history_ttl))
+                .arg(self.publish_command())
+                .arg(channel)
+                .invoke_async(&mut con)
+                .await
+        })
+        .await
     }
 
-    fn node_alive_key(node: &str) -> String {
-        format!("sb:node:{node}:alive")
+    /// Refreshes `node`'s alive key and puts it in the node set: whether
+    /// the key was still there (not expired), and the run id of the Redis
+    /// holding it.
+    async fn beat(&self, node: &str) -> Result<(bool, Arc<str>), BrokerError> {
+        let key = node_alive_key(node);
+        let ttl = millis(self.inner.node_ttl);
+        let (alive, run): (i64, String) = self
+            .call(|mut con, run_id| async move {
+                self.inner
+                    .heartbeat
+                    .key(key)
+                    .arg(ttl)
+                    .arg(&*run_id)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
+        self.command::<i64>(redis::cmd("SADD").arg("sb:nodes").arg(node).clone())
+            .await?;
+        Ok((alive == 1, Arc::from(run)))
     }
+
+    /// Goes on under a new node id, once `old` was found taken for dead:
+    /// the new id's alive key first (no node may take it for dead), then
+    /// the runtime is told to record its presence again (under the new id,
+    /// with announcements). `old` is left to the reapers. False when it
+    /// could not (Redis away): to be tried again.
+    async fn reincarnate(&self, old: &str) -> bool {
+        let _one = self.inner.reincarnating.lock().await;
+        if *self.node() != *old {
+            return true; // done meanwhile
+        }
+        let Ok(new) = new_node_id() else {
+            return false;
+        };
+        if let Err(e) = self.beat(&new).await {
+            tracing::debug!(error = %e, "cannot take a new node id yet");
+            return false;
+        }
+        *self.incarnation() = Incarnation {
+            id: Arc::from(new.as_str()),
+            indexed: HashSet::new(),
+        };
+        tracing::warn!(old, new = %new,
+            "this node was taken for dead (paused or cut off past its TTL); it goes on under a new id");
+        if let Some(events) = self.inner.events.get() {
+            let events = events.clone();
+            // Not awaited here: a caller may hold a presence lock the
+            // runtime's handling of the event needs.
+            tokio::spawn(async move { events.send(BrokerEvent::Reaped).await });
+        }
+        true
+    }
+
+    /// Removes the presence of node `other` if its alive key expired: room
+    /// by room (each room's script in its own slot, idempotent), then its
+    /// index, then, once the index is empty, its place in the node set.
+    async fn reap(&self, other: &str) -> Result<(), BrokerError> {
+        let alive: i64 = self
+            .command(redis::cmd("EXISTS").arg(node_alive_key(other)).clone())
+            .await?;
+        if alive == 1 {
+            return Ok(());
+        }
+        let index = node_rooms_key(other);
+        let rooms: Vec<String> = self
+            .command(redis::cmd("SMEMBERS").arg(&index).clone())
+            .await?;
+        let mut reaped = Vec::with_capacity(rooms.len());
+        let mut users = 0;
+        for room in rooms {
+            let Ok(name) = RoomName::new(room.as_str()) else {
+                reaped.push(room);
+                continue;
+            };
+            let channel = self.room_channel(&name);
+            let room_name = room.as_str();
+            let gone: i64 = self
+                .call(|mut con, _| async move {
+                    self.inner
+                        .reap_room
+                        .key(room_key(room_name, &format!("node:{other}")))
+                        .key(room_key(room_name, "users"))
+                        .key(room_key(room_name, "announce"))
+                        .key(room_key(room_name, "ttl"))
+                        .key(room_key(room_name, "seq"))
+                        .key(room_key(room_name, "epoch"))
+                        .key(room_key(room_name, "log"))
+                        .key(room_key(room_name, "run"))
+                        .key(room_key(room_name, &format!("reaped:{other}")))
+                        .arg(room_name)
+                        .arg(millis(DEFAULT_HISTORY_TTL))
+                        .arg(millis(REAPED_MARK_TTL))
+                        .arg(self.publish_command())
+                        .arg(channel)
+                        .invoke_async(&mut con)
+                        .await
+                })
+                .await?;
+            users += gone;
+            reaped.push(room);
+        }
+        if !reaped.is_empty() {
+            self.command::<i64>(redis::cmd("SREM").arg(&index).arg(&reaped).clone())
+                .await?;
+        }
+        // Rooms indexed meanwhile (a write of the dead id still on its way)
+        // keep it in the node set, for the next reap.
+        let left: i64 = self
+            .command(redis::cmd("SCARD").arg(&index).clone())
+            .await?;
+        if left == 0 {
+            let removed: i64 = self
+                .command(redis::cmd("SREM").arg("sb:nodes").arg(other).clone())
+                .await?;
+            if removed == 1 {
+                tracing::info!(node = %other, rooms = reaped.len(), users,
+                    "removed the presence of a dead node");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn node_alive_key(node: &str) -> String {
+    format!("sb:node:{node}:alive")
+}
+
+fn node_rooms_key(node: &str) -> String {
+    format!("sb:node:{node}:rooms")
+}
+
+/// A field of an `INFO` answer.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+fn timed_out(what: &str) -> RedisError {
+    RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{what} timed out"),
+    ))
 }
 
 /// The command connection, and the run id of the Redis instance it reached:
 /// a TCP connection reaches one instance for its whole life, so the run id
-/// is exact for every script sent on it.
+/// is exact for every script sent on it. (Empty for a cluster connection,
+/// which reaches several.)
 #[derive(Clone)]
 struct Link {
-    con: MultiplexedConnection,
+    con: Con,
     run_id: Arc<str>,
     id: u64,
 }
@@ -614,6 +1065,13 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+fn lock_index(room: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    room.hash(&mut hasher);
+    usize::try_from(hasher.finish() % PRESENCE_LOCKS as u64).unwrap_or(0)
+}
+
 #[async_trait]
 impl Broker for RedisBroker {
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError> {
@@ -622,13 +1080,24 @@ impl Broker for RedisBroker {
         // while the connection is down (a session's next frames, a `ping`
         // included, wait for its answer) and a task makes it again.
         let link = self.connect_link().await.map_err(err)?;
+        let sharded = tokio::time::timeout(RESPONSE_TIMEOUT, self.detect_sharded(&link))
+            .await
+            .map_err(|_| BrokerError("asking Redis its version timed out".into()))?
+            .map_err(err)?;
+        self.inner.sharded.store(sharded, Ordering::Release);
+        if self.is_cluster() {
+            tracing::info!(sharded, "speaking to a Redis Cluster");
+        }
         *self
             .inner
             .link
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(link);
         let _ = self.inner.started.set(());
-        tokio::spawn(run_node_heartbeat(self.clone(), events.clone()));
+        let _ = self.inner.events.set(events.clone());
+        // The alive key is there before any presence of this node is.
+        let (_, run) = self.beat(&self.node()).await?;
+        tokio::spawn(run_node_heartbeat(self.clone(), events.clone(), run));
         tokio::spawn(run_pubsub(self.clone(), events));
         Ok(())
     }
@@ -676,7 +1145,7 @@ impl Broker for RedisBroker {
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError> {
-        let name = channel_name(channel);
+        let name = self.channel_name(channel);
         self.inner
             .wanted
             .lock()
@@ -691,7 +1160,7 @@ impl Broker for RedisBroker {
         // needs it unsubscribes: a refused join undoes itself with
         // `Left { unsubscribe }`, a closed session unsubscribes its channels.
         match sink.as_mut() {
-            Some(sink) => tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&name))
+            Some(sink) => tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(&[name]))
                 .await
                 .map_err(|_| BrokerError("subscribe timed out".into()))
                 .and_then(|r| r.map_err(err)),
@@ -700,7 +1169,7 @@ impl Broker for RedisBroker {
     }
 
     async fn unsubscribe(&self, channel: &Channel) {
-        let name = channel_name(channel);
+        let name = self.channel_name(channel);
         self.inner
             .wanted
             .lock()
@@ -713,56 +1182,94 @@ impl Broker for RedisBroker {
 
     async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError> {
         let channel = match to {
-            DirectTo::User(user) => channel_name(&Channel::User(user.clone())),
-            DirectTo::Sid(sid) => channel_name(&Channel::Sid(sid.clone())),
+            DirectTo::User(user) => self.channel_name(&Channel::User(user.clone())),
+            DirectTo::Sid(sid) => self.channel_name(&Channel::Sid(sid.clone())),
         };
         let mut payload = Vec::with_capacity(frame.len() + 2);
         payload.extend_from_slice(b"d|");
         payload.extend_from_slice(frame);
-        let command = redis::cmd("PUBLISH").arg(channel).arg(payload).clone();
-        self.call(|mut con, _| async move { command.query_async(&mut con).await })
-            .await
+        self.command(
+            redis::cmd(self.publish_command())
+                .arg(channel)
+                .arg(payload)
+                .clone(),
+        )
+        .await
     }
 
     async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError> {
         let name = update.room.as_str();
-        let node_presence = self.node_presence_key();
-        let field = format!("{name}\n{}", update.user);
-        self.call(|mut con, _| async move {
-            self.inner
-                .presence
-                .key(room_key(name, "users"))
-                .key(node_presence)
-                .key(room_key(name, "announce"))
-                .key(room_key(name, "ttl"))
-                .key(room_key(name, "seq"))
-                .key(room_key(name, "epoch"))
-                .key(room_key(name, "log"))
-                .key(room_key(name, "run"))
-                .arg(if update.present { "1" } else { "0" })
-                .arg(update.user.as_str())
-                .arg(name)
-                .arg(field)
-                .arg(update.subject.as_str())
-                .arg(if update.announce { "1" } else { "0" })
-                .arg(if update.quiet { "1" } else { "0" })
-                .arg(millis(update.history_ttl))
-                .invoke_async(&mut con)
-                .await
-        })
-        .await
+        // One write at a time per room on this node: the room index below
+        // then never drops a room the node has presence in.
+        let _serial = self.inner.presence_locks[lock_index(name)].lock().await;
+        let mut reincarnated = false;
+        loop {
+            let node = self.node();
+            let indexed = self.incarnation().indexed.contains(name);
+            if !indexed && update.present {
+                // Indexed before the presence lands: a node that dies
+                // right after still has it reaped.
+                self.command::<i64>(
+                    redis::cmd("SADD")
+                        .arg(node_rooms_key(&node))
+                        .arg(name)
+                        .clone(),
+                )
+                .await?;
+                let mut incarnation = self.incarnation();
+                if incarnation.id == node {
+                    incarnation.indexed.insert(name.to_owned());
+                }
+            }
+            let (count, state) = self.presence_script(&update, &node).await?;
+            if count < 0 {
+                // This id was reaped in this room: the node was taken for
+                // dead. It goes on under a new id, and writes again.
+                if reincarnated || !self.reincarnate(&node).await {
+                    return Err(BrokerError("this node was taken for dead".into()));
+                }
+                reincarnated = true;
+                continue;
+            }
+            match state {
+                // New presence of this id here: in the node set again, in
+                // case a reaper removed the id meanwhile.
+                1 => {
+                    self.command::<i64>(redis::cmd("SADD").arg("sb:nodes").arg(&*node).clone())
+                        .await?;
+                }
+                // Nothing left of this node here: out of the index (a
+                // failure only leaves a room with nothing to reap).
+                2 if indexed => {
+                    let removed = self
+                        .command::<i64>(
+                            redis::cmd("SREM")
+                                .arg(node_rooms_key(&node))
+                                .arg(name)
+                                .clone(),
+                        )
+                        .await;
+                    if removed.is_ok() {
+                        self.incarnation().indexed.remove(name);
+                    }
+                }
+                _ => {}
+            }
+            return Ok(usize::try_from(count).unwrap_or(0));
+        }
     }
 
     async fn history(&self, room: &RoomName, limit: usize) -> Result<Vec<Bytes>, BrokerError> {
-        let command = redis::cmd("XREVRANGE")
-            .arg(room_key(room.as_str(), "log"))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit)
-            .clone();
         let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = self
-            .call(|mut con, _| async move { command.query_async(&mut con).await })
+            .command(
+                redis::cmd("XREVRANGE")
+                    .arg(room_key(room.as_str(), "log"))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit)
+                    .clone(),
+            )
             .await?;
         let mut frames: Vec<Bytes> = entries
             .into_iter()
@@ -782,7 +1289,8 @@ impl Broker for RedisBroker {
         rooms: &[RoomName],
     ) -> Result<Vec<Option<(u64, Epoch)>>, BrokerError> {
         let mut out = Vec::with_capacity(rooms.len());
-        // One round trip per batch; two GETs per room, each in its room's slot.
+        // One round trip per batch (per master, in a cluster); two GETs per
+        // room, each in its room's slot.
         for batch in rooms.chunks(POSITIONS_BATCH) {
             let mut pipe = redis::pipe();
             for room in batch {
@@ -806,11 +1314,12 @@ impl Broker for RedisBroker {
     }
 
     async fn presence_list(&self, room: &RoomName) -> Result<Vec<String>, BrokerError> {
-        let command = redis::cmd("HKEYS")
-            .arg(room_key(room.as_str(), "users"))
-            .clone();
         let mut users: Vec<String> = self
-            .call(|mut con, _| async move { command.query_async(&mut con).await })
+            .command(
+                redis::cmd("HKEYS")
+                    .arg(room_key(room.as_str(), "users"))
+                    .clone(),
+            )
             .await?;
         users.sort();
         Ok(users)
@@ -821,7 +1330,6 @@ fn parse_room_state(
     reply: &[redis::Value],
     since: Option<(u64, &str)>,
 ) -> Result<RoomState, BrokerError> {
-    use redis::FromRedisValue;
     let bad = || BrokerError("unexpected reply from the room state script".into());
     let seq = u64::from_redis_value(reply.first().ok_or_else(bad)?.clone()).map_err(|_| bad())?;
     let epoch =
@@ -849,9 +1357,28 @@ fn parse_room_state(
     })
 }
 
+/// The room a room channel is of.
+fn channel_room(channel: &str, sharded: bool) -> Option<&str> {
+    if sharded {
+        channel.strip_prefix("sb:{")?.strip_suffix("}:ch")
+    } else {
+        channel.strip_prefix("sb:r:")
+    }
+}
+
+/// The user or sid a direct channel (`prefix` `sb:u:`, `sb:s:`) is of.
+fn channel_target<'a>(channel: &'a str, prefix: &str, sharded: bool) -> Option<&'a str> {
+    let rest = channel.strip_prefix(prefix)?;
+    if sharded {
+        rest.strip_prefix('{')?.strip_suffix('}')
+    } else {
+        Some(rest)
+    }
+}
+
 /// Parses one pub/sub message into what the node must do.
-fn parse_event(channel: &str, payload: &[u8]) -> Option<BrokerEvent> {
-    if let Some(room) = channel.strip_prefix("sb:r:") {
+fn parse_event(channel: &str, payload: &[u8], sharded: bool) -> Option<BrokerEvent> {
+    if let Some(room) = channel_room(channel, sharded) {
         let room = RoomName::new(room).ok()?;
         let (kind, rest) = split_once(payload, b'|')?;
         match kind {
@@ -879,13 +1406,13 @@ fn parse_event(channel: &str, payload: &[u8]) -> Option<BrokerEvent> {
         }
     } else {
         let frame = Bytes::copy_from_slice(payload.strip_prefix(b"d|")?);
-        if let Some(user) = channel.strip_prefix("sb:u:") {
+        if let Some(user) = channel_target(channel, "sb:u:", sharded) {
             Some(BrokerEvent::Direct {
                 to: DirectTo::User(UserId::from(user)),
                 frame,
             })
         } else {
-            let sid = channel.strip_prefix("sb:s:")?;
+            let sid = channel_target(channel, "sb:s:", sharded)?;
             Some(BrokerEvent::Direct {
                 to: DirectTo::Sid(Sid::from(sid)),
                 frame,
@@ -905,6 +1432,155 @@ fn split_once(bytes: &[u8], separator: u8) -> Option<(&[u8], &[u8])> {
     Some((&bytes[..at], &bytes[at + 1..]))
 }
 
+/// The subscribing half of a pub/sub connection of either kind.
+enum Sink {
+    Standalone(PubSubSink),
+    /// A RESP3 cluster connection whose pushes go to a [`Heard::Cluster`]
+    /// stream; with sharded channels, each subscription goes to the master
+    /// of its channel's slot.
+    Cluster {
+        con: ClusterConnection,
+        sharded: bool,
+    },
+}
+
+impl Sink {
+    async fn subscribe(&mut self, names: &[String]) -> redis::RedisResult<()> {
+        match self {
+            Self::Standalone(sink) => sink.subscribe(names).await,
+            Self::Cluster { con, sharded } => {
+                // One command per slot, all sent at once: a server refuses
+                // sharded channels of several slots in one, and a classic
+                // subscription must sit on its channel's master, where a
+                // `PUBLISH` to it is routed and counts its receivers (a
+                // cluster node counts only its own).
+                let mut slots: HashMap<Slot, Vec<&String>> = HashMap::new();
+                for name in names {
+                    slots.entry(Slot::for_key(name)).or_default().push(name);
+                }
+                let sharded = *sharded;
+                let sent = slots.into_values().map(|names| {
+                    let mut con = con.clone();
+                    async move {
+                        if sharded {
+                            con.ssubscribe(names).await
+                        } else {
+                            con.subscribe(names).await
+                        }
+                    }
+                });
+                futures_util::future::try_join_all(sent).await.map(drop)
+            }
+        }
+    }
+
+    async fn unsubscribe(&mut self, name: &str) -> redis::RedisResult<()> {
+        match self {
+            Self::Standalone(sink) => sink.unsubscribe(name).await,
+            Self::Cluster {
+                con,
+                sharded: false,
+            } => con.unsubscribe(name).await,
+            Self::Cluster { con, sharded: true } => con.sunsubscribe(name).await,
+        }
+    }
+
+    /// `PING`; on a cluster, every master (each may hold subscriptions).
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            Self::Standalone(sink) => sink.ping::<redis::Value>().await.map(drop),
+            Self::Cluster { con, .. } => redis::cmd("PING")
+                .query_async::<redis::Value>(con)
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// The receiving half of a pub/sub connection of either kind.
+enum Heard {
+    Standalone(redis::aio::PubSubStream),
+    Cluster(mpsc::UnboundedReceiver<PushInfo>),
+}
+
+impl Heard {
+    /// The next message (channel, payload), `Ok(None)` for anything else
+    /// heard, `Err(())` once the connection is lost: closed, or (cluster) one
+    /// of its nodes' connections closed, or a server dropped a wanted
+    /// subscription (its slot moved to another master).
+    async fn next(&mut self, broker: &RedisBroker) -> Result<Option<(String, Vec<u8>)>, ()> {
+        match self {
+            Self::Standalone(stream) => {
+                let message = stream.next().await.ok_or(())?;
+                Ok(Some((
+                    message.get_channel_name().to_owned(),
+                    message.get_payload_bytes().to_vec(),
+                )))
+            }
+            Self::Cluster(pushes) => {
+                let push = pushes.recv().await.ok_or(())?;
+                let mut data = push.data.into_iter();
+                match push.kind {
+                    PushKind::Message | PushKind::SMessage => {
+                        let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                            return Ok(None);
+                        };
+                        Ok(String::from_redis_value(channel)
+                            .ok()
+                            .zip(Vec::<u8>::from_redis_value(payload).ok()))
+                    }
+                    PushKind::Disconnection => Err(()),
+                    PushKind::Unsubscribe | PushKind::SUnsubscribe => {
+                        let channel = data
+                            .next()
+                            .and_then(|c| String::from_redis_value(c).ok())
+                            .unwrap_or_default();
+                        let wanted = broker
+                            .inner
+                            .wanted
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains(&channel);
+                        if wanted {
+                            Err(())
+                        } else {
+                            Ok(None)
+                        }
+                    }
+                    _ => Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// A new pub/sub connection.
+async fn connect_pubsub(broker: &RedisBroker) -> redis::RedisResult<(Sink, Heard)> {
+    match &broker.inner.connector {
+        Connector::Standalone(client) => {
+            let pubsub = tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| timed_out("connecting to Redis"))??;
+            let (sink, stream) = pubsub.split();
+            Ok((Sink::Standalone(sink), Heard::Standalone(stream)))
+        }
+        Connector::Cluster { seeds, .. } => {
+            // Unbounded: the library pushes without waiting. `forward`
+            // drains it at once into the bounded events queue.
+            let (pushes, heard) = mpsc::unbounded_channel();
+            let client = cluster_builder(seeds)
+                .use_protocol(ProtocolVersion::RESP3)
+                .push_sender(pushes)
+                .build()?;
+            let con = tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_connection())
+                .await
+                .map_err(|_| timed_out("connecting to the Redis Cluster"))??;
+            let sharded = broker.sharded();
+            Ok((Sink::Cluster { con, sharded }, Heard::Cluster(heard)))
+        }
+    }
+}
+
 /// Keeps a pub/sub connection up: subscribes to every wanted channel after
 /// each (re)connect (in batches), forwards messages in order, pings the
 /// connection to notice when it goes dead, and backs off (with jitter) while
@@ -916,9 +1592,8 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
         if events.is_closed() {
             return;
         }
-        match tokio::time::timeout(RESPONSE_TIMEOUT, broker.inner.client.get_async_pubsub()).await {
-            Ok(Ok(pubsub)) => {
-                let (sink, mut stream) = pubsub.split();
+        match connect_pubsub(&broker).await {
+            Ok((sink, mut heard)) => {
                 if !subscribe_wanted(&broker, sink).await {
                     tracing::warn!("could not subscribe again on a new Redis pub/sub connection");
                 } else {
@@ -930,14 +1605,13 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
                         }
                     }
                     connected_before = true;
-                    if !forward(&broker, &mut stream, &events).await {
+                    if !forward(&broker, &mut heard, &events).await {
                         return;
                     }
                     *broker.inner.sink.lock().await = None;
                 }
             }
-            Ok(Err(e)) => tracing::debug!(error = %e, "cannot reach Redis"),
-            Err(_) => tracing::debug!("connecting to Redis timed out"),
+            Err(e) => tracing::debug!(error = %e, "cannot reach Redis"),
         }
         tokio::time::sleep(backoff + jitter()).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -946,7 +1620,7 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
 
 /// Subscribes a new pub/sub connection to every wanted channel, then puts
 /// its sink in place; false when a `SUBSCRIBE` failed or timed out.
-async fn subscribe_wanted(broker: &RedisBroker, mut sink: PubSubSink) -> bool {
+async fn subscribe_wanted(broker: &RedisBroker, mut sink: Sink) -> bool {
     // Held from the snapshot of `wanted` until the sink is in place: a
     // concurrent `subscribe` either is in the snapshot or runs on the new
     // sink after this, never in between.
@@ -975,23 +1649,25 @@ async fn subscribe_wanted(broker: &RedisBroker, mut sink: PubSubSink) -> bool {
 /// answering `PING`; false when the runtime is gone.
 async fn forward(
     broker: &RedisBroker,
-    stream: &mut redis::aio::PubSubStream,
+    heard: &mut Heard,
     events: &mpsc::Sender<BrokerEvent>,
 ) -> bool {
     let mut ping = tokio::time::interval(PUBSUB_PING);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sharded = broker.sharded();
     // The intake is bounded: when the runtime falls behind and the events
     // queue is full, messages are dropped (not buffered without bound) and
     // the node catches up from Redis once there is room again.
     let mut overflowed = false;
     loop {
         tokio::select! {
-            message = stream.next() => {
-                let Some(message) = message else {
+            message = heard.next(broker) => {
+                let Ok(message) = message else {
                     tracing::warn!("lost the Redis pub/sub connection");
                     return true;
                 };
-                let Some(event) = parse_event(message.get_channel_name(), message.get_payload_bytes())
+                let Some(event) = message
+                    .and_then(|(channel, payload)| parse_event(&channel, &payload, sharded))
                 else {
                     continue;
                 };
@@ -1022,8 +1698,8 @@ async fn forward(
                 let mut sink = broker.inner.sink.lock().await;
                 let answered = match sink.as_mut() {
                     Some(sink) => matches!(
-                        tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping::<redis::Value>()).await,
-                        Ok(Ok(_))
+                        tokio::time::timeout(RESPONSE_TIMEOUT, sink.ping()).await,
+                        Ok(Ok(()))
                     ),
                     None => false,
                 };
@@ -1043,81 +1719,51 @@ fn rand_u8() -> u8 {
     byte[0]
 }
 
-/// Refreshes this node's "alive" key and removes the presence of nodes whose
-/// key expired.
-async fn run_node_heartbeat(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
+/// Refreshes this node's "alive" key, takes a new id when it finds the key
+/// had expired, and removes the presence of nodes whose key expired.
+/// `last_run`: the Redis run of the beat made at start.
+async fn run_node_heartbeat(
+    broker: RedisBroker,
+    events: mpsc::Sender<BrokerEvent>,
+    mut last_run: Arc<str>,
+) {
     let mut tick = tokio::time::interval(broker.inner.node_ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The Redis run of the last heartbeat that landed.
-    let mut last_run: Option<Arc<str>> = None;
+    tick.tick().await; // the start beat was this one
+                       // The current id expired and a new one is still to be taken.
+    let mut lapsed = false;
     loop {
         tick.tick().await;
         if events.is_closed() {
             return;
         }
-        let node = broker.inner.node.clone();
-        let ttl = millis(broker.inner.node_ttl);
-        let alive = broker
-            .call(|mut con, run_id| {
-                let node = node.clone();
-                async move {
-                    let (added,): (i64,) = redis::pipe()
-                        .cmd("SET")
-                        .arg(RedisBroker::node_alive_key(&node))
-                        .arg(1)
-                        .arg("PX")
-                        .arg(ttl)
-                        .ignore()
-                        .cmd("SADD")
-                        .arg("sb:nodes")
-                        .arg(&node)
-                        .query_async(&mut con)
-                        .await?;
-                    Ok((added, run_id))
-                }
-            })
-            .await;
-        let Ok((added, run)) = alive else {
+        let node = broker.node();
+        let Ok((alive, run)) = broker.beat(&node).await else {
             continue;
         };
-        // Back in the node set of the same Redis it was in: another node
-        // reaped this one (the reap takes it out atomically with its
-        // presence, and only once its alive key expired), so its users'
-        // leaves were announced while they are still here. (A Redis that
-        // restarted empty is a reconnect, which records presence again.)
-        if added == 1 && last_run.as_deref() == Some(&*run) {
-            tracing::warn!("this node was taken for dead (paused or cut off past its TTL)");
-            if events.send(BrokerEvent::Reaped).await.is_err() {
-                return;
-            }
+        // Its alive key expired in the same Redis it was in (a Redis that
+        // restarted empty lost it too, but that is a reconnect, which records
+        // presence again; in a cluster the key's master may have failed over,
+        // which cannot be told apart, so any loss counts): other nodes may
+        // have reaped it, announcing its users' leaves while they are still
+        // here.
+        if !alive && (broker.is_cluster() || run == last_run) {
+            lapsed = true;
         }
-        last_run = Some(run);
+        last_run = run;
+        if lapsed && broker.reincarnate(&node).await {
+            lapsed = false;
+        }
         let Ok(nodes) = broker
-            .call(|mut con, _| async move {
-                redis::cmd("SMEMBERS")
-                    .arg("sb:nodes")
-                    .query_async::<Vec<String>>(&mut con)
-                    .await
-            })
+            .command::<Vec<String>>(redis::cmd("SMEMBERS").arg("sb:nodes").clone())
             .await
         else {
             continue;
         };
-        let reap = &broker.inner.reap;
-        for other in nodes.iter().filter(|n| **n != node) {
-            let reaped = broker
-                .call(|mut con, _| async move {
-                    reap.key(format!("sb:node:{other}:presence"))
-                        .key(RedisBroker::node_alive_key(other))
-                        .key("sb:nodes")
-                        .arg(other)
-                        .arg(millis(DEFAULT_HISTORY_TTL))
-                        .invoke_async::<i64>(&mut con)
-                        .await
-                })
-                .await;
-            if reaped == Ok(1) {
-                tracing::info!(node = %other, "removed the presence of a dead node");
+        let current = broker.node();
+        for other in nodes.iter().filter(|n| ***n != *current) {
+            if let Err(e) = broker.reap(other).await {
+                tracing::debug!(node = %other, error = %e, "cannot reap a node yet");
             }
         }
     }

@@ -114,12 +114,22 @@ struct Node {
 
 impl Node {
     async fn start(redis: &Redis) -> Self {
-        Self::start_with_intake(redis, 1024).await
+        Self::start_with(redis, Duration::from_secs(10), 1024).await
+    }
+
+    async fn start_with_ttl(redis: &Redis, node_ttl: Duration) -> Self {
+        Self::start_with(redis, node_ttl, 1024).await
     }
 
     /// A node whose runtime takes at most `intake` events before it reads.
     async fn start_with_intake(redis: &Redis, intake: usize) -> Self {
-        let broker = RedisBroker::new(&redis.url()).expect("a Redis URL");
+        Self::start_with(redis, Duration::from_secs(10), intake).await
+    }
+
+    async fn start_with(redis: &Redis, node_ttl: Duration, intake: usize) -> Self {
+        let broker = RedisBroker::new(&redis.url())
+            .expect("a Redis URL")
+            .node_ttl(node_ttl);
         let (tx, events) = mpsc::channel(intake);
         within("the broker to start", broker.start(tx))
             .await
@@ -452,5 +462,70 @@ fn a_publish_with_a_key_already_used_is_not_published_again() {
         }
         assert_eq!(seqs, [1, 2]);
         assert!(a.events.try_recv().is_err(), "one fan-out per message");
+    });
+}
+
+/// Node a's id is reaped by node b (its alive key gone, as after a pause)
+/// before a's own heartbeat (every 20 s) notices. a's next presence write,
+/// under the reaped id, is refused by the room's reaped mark: a takes a new
+/// id, tells its runtime (`Reaped`, to record its presence again) and
+/// writes under the new id. The old id is gone from the node set and from
+/// the room.
+#[test]
+fn a_presence_write_under_a_reaped_id_goes_on_under_a_new_id() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start_with_ttl(&redis, Duration::from_secs(60)).await;
+        let _b = Node::start_with_ttl(&redis, Duration::from_millis(300)).await;
+        let hall = room("hall");
+        assert_eq!(a.presence(&hall, "ann", true).await, 1);
+        let old = a.broker.node_id();
+        let index: Vec<String> = redis
+            .query(&["SMEMBERS", &format!("sb:node:{old}:rooms")])
+            .await;
+        assert_eq!(index, ["hall"]);
+
+        redis
+            .query::<i64>(&["DEL", &format!("sb:node:{old}:alive")])
+            .await;
+        within("node b to reap node a", async {
+            loop {
+                let nodes: Vec<String> = redis.query(&["SMEMBERS", "sb:nodes"]).await;
+                let ann: Option<i64> = redis.query(&["HGET", "sb:{hall}:users", "ann"]).await;
+                if !nodes.contains(&old) && ann.is_none() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(a.broker.node_id(), old, "a noticed by itself");
+
+        // Under the reaped id, refused; under the new one, recorded.
+        assert_eq!(a.presence(&hall, "cid", true).await, 1);
+        let new = a.broker.node_id();
+        assert_ne!(new, old);
+        let mine: Vec<String> = redis
+            .query(&["HKEYS", &format!("sb:{{hall}}:node:{new}")])
+            .await;
+        assert_eq!(mine, ["cid"]);
+        let gone: i64 = redis
+            .query(&["EXISTS", &format!("sb:{{hall}}:node:{old}")])
+            .await;
+        assert_eq!(gone, 0);
+        let nodes: Vec<String> = redis.query(&["SMEMBERS", "sb:nodes"]).await;
+        assert!(nodes.contains(&new) && !nodes.contains(&old), "{nodes:?}");
+        within("the Reaped event", async {
+            loop {
+                if let BrokerEvent::Reaped = a.events.recv().await.expect("the broker runs") {
+                    return;
+                }
+            }
+        })
+        .await;
+        // The runtime records ann again: under the new id, counted once.
+        assert_eq!(a.presence(&hall, "ann", true).await, 2);
+        let ann: Option<i64> = redis.query(&["HGET", "sb:{hall}:users", "ann"]).await;
+        assert_eq!(ann, Some(1));
     });
 }

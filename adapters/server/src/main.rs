@@ -4,8 +4,9 @@
 //! (`POST /api/publish`, `POST /api/direct`) through which a backend in any
 //! language pushes to rooms and users. Every limit is a flag; `switchboard
 //! --help` lists them. With `--redis URL`, several servers share rooms
-//! through one Redis. SIGINT or SIGTERM shuts it down within
-//! `--shutdown-timeout-ms` (a second signal exits at once).
+//! through one Redis (`--redis-cluster URL`: through a Redis Cluster).
+//! SIGINT or SIGTERM shuts it down within `--shutdown-timeout-ms` (a second
+//! signal exits at once).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -91,7 +92,10 @@ struct Args {
     /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis.
     #[arg(long, env = "SWITCHBOARD_REDIS")]
     redis: Option<String>,
-    /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
+    /// Redis Cluster seed node URL (repeatable; one reachable seed is enough): share rooms with every other node using the same Redis Cluster. Instead of `--redis`.
+    #[arg(long = "redis-cluster", value_name = "URL", conflicts_with = "redis")]
+    redis_cluster: Vec<String>,
+    /// With `--redis` or `--redis-cluster`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
     /// How long a client may take to send a request's headers, in milliseconds; slower ones (or a connection that sends nothing) are cut. Also the idle time of a kept-alive connection between requests.
@@ -207,16 +211,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
-    if args.redis.is_some() && !args.latest_prefixes.is_empty() {
+    let shared = args.redis.is_some() || !args.redis_cluster.is_empty();
+    if shared && !args.latest_prefixes.is_empty() {
         tracing::warn!(
             "--latest-prefix has no effect with --redis: the broker keeps every message"
         );
     }
-    let switchboard = match &args.redis {
-        Some(url) => {
-            let broker = switchboard_redis::RedisBroker::new(url)?
-                .node_ttl(Duration::from_millis(args.redis_node_ttl_ms));
-            tracing::info!(node = broker.node_id(), "sharing rooms through Redis");
+    let broker = if !args.redis_cluster.is_empty() {
+        Some(switchboard_redis::RedisBroker::cluster(
+            &args.redis_cluster,
+        )?)
+    } else if let Some(url) = &args.redis {
+        Some(switchboard_redis::RedisBroker::new(url)?)
+    } else {
+        None
+    };
+    let switchboard = match broker {
+        Some(broker) => {
+            let broker = broker.node_ttl(Duration::from_millis(args.redis_node_ttl_ms));
+            tracing::info!(
+                node = broker.node_id(),
+                cluster = broker.is_cluster(),
+                "sharing rooms through Redis"
+            );
             builder.broker(broker).start().await?
         }
         None => builder.build()?,

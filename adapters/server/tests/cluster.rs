@@ -1589,7 +1589,8 @@ fn a_stalled_redis_stalls_no_session_and_is_caught_up() {
         let mut cal = Client::connect(&a, "cal").await;
 
         let port = redis.port;
-        let asleep = tokio::spawn(async move { command_at(port, &["DEBUG", "SLEEP", "10"]).await });
+        let asleep =
+            tokio::spawn(async move { redis_command(port, &["DEBUG", "SLEEP", "10"]).await });
         // Pacing only: the command reaches Redis in microseconds.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!asleep.is_finished(), "Redis is asleep");

@@ -1,6 +1,7 @@
-//! Processes and clients the cluster tests share: a real `redis-server`,
-//! `switchboard` nodes, a TCP proxy that can blackhole traffic, WebSocket
-//! clients, and the HTTP publish API. Every wait is bounded by [`WAIT`].
+//! Processes and clients the cluster tests share: a real `redis-server` (or
+//! a real Redis Cluster of three masters), `switchboard` nodes, a TCP proxy
+//! that can blackhole traffic, WebSocket clients, and the HTTP publish API.
+//! Every wait is bounded by [`WAIT`].
 
 #![allow(dead_code)] // each test file uses its own part of it
 
@@ -191,7 +192,7 @@ impl Redis {
 
     /// Sends one command and returns its reply.
     pub(crate) async fn command(&self, args: &[&str]) -> Resp {
-        command_at(self.port, args).await
+        redis_command(self.port, args).await
     }
 
     /// A command whose reply is an integer.
@@ -277,6 +278,160 @@ impl Drop for Redis {
     }
 }
 
+/// A real Redis Cluster of three masters (no replicas, no persistence) on
+/// free 127.0.0.1 ports, made with `redis-cli --cluster create`; its
+/// servers are killed on drop.
+pub(crate) struct RedisCluster {
+    /// The masters' ports.
+    pub(crate) ports: Vec<u16>,
+    pub(crate) children: Vec<Child>,
+}
+
+impl RedisCluster {
+    pub(crate) async fn start(test: &str) -> Self {
+        let dir = log_path(test, "redis-cluster");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the Redis Cluster directory");
+        let mut cluster = Self {
+            ports: Vec::new(),
+            children: Vec::new(),
+        };
+        while cluster.ports.len() < 3 {
+            assert!(
+                cluster.children.len() < 20,
+                "redis-server would not start on free ports"
+            );
+            let port = free_port();
+            // The cluster bus listens on port + 10000.
+            let bus_free =
+                port < 55_000 && TcpListener::bind((Ipv4Addr::LOCALHOST, port + 10_000)).is_ok();
+            if !bus_free {
+                continue;
+            }
+            let log = log_path(test, &format!("redis-{port}"));
+            let (stdout, stderr) = log_file(&log);
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-config-file"])
+                .arg(dir.join(format!("nodes-{port}.conf")))
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn();
+            let child = match child {
+                Ok(child) => child,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed, and the cluster tests need a real Redis: \
+                     install it with `apt-get install -y redis-server`"
+                ),
+                Err(e) => panic!("cannot start redis-server: {e}"),
+            };
+            cluster.children.push(child);
+            let index = cluster.children.len() - 1;
+            let up = within("a cluster redis-server to answer PING", async {
+                loop {
+                    if let Ok(Some(_)) = cluster.children[index].try_wait() {
+                        return false; // a port was taken meanwhile
+                    }
+                    if ping_redis(port).await {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if up {
+                cluster.ports.push(port);
+            } else {
+                let mut dead = cluster.children.remove(index);
+                let _ = dead.wait();
+            }
+        }
+        let log = log_path(test, "redis-cli");
+        let (stdout, stderr) = log_file(&log);
+        let mut create = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("run redis-cli --cluster create");
+        let status = within("redis-cli --cluster create", async {
+            loop {
+                if let Ok(Some(status)) = create.try_wait() {
+                    return status;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            status.success(),
+            "redis-cli --cluster create failed:\n{}",
+            read_log(&log)
+        );
+        for &port in &cluster.ports {
+            within("the cluster state to be ok on every master", async {
+                loop {
+                    if let Resp::Bulk(Some(info)) = redis_command(port, &["CLUSTER", "INFO"]).await
+                    {
+                        if String::from_utf8_lossy(&info).contains("cluster_state:ok") {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// Every master's URL.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The index (in [`RedisCluster::ports`]) of the master that serves
+    /// `key`: the others answer `MOVED`.
+    pub(crate) async fn owner(&self, key: &str) -> usize {
+        let mut owners = Vec::new();
+        for (index, &port) in self.ports.iter().enumerate() {
+            match redis_command(port, &["EXISTS", key]).await {
+                Resp::Int(_) => owners.push(index),
+                Resp::Error(e) if e.starts_with("MOVED") => {}
+                other => panic!("EXISTS {key} on port {port}: {other:?}"),
+            }
+        }
+        assert_eq!(owners.len(), 1, "{key}: served by {owners:?}");
+        owners[0]
+    }
+
+    /// A command sent to the master that serves `key`.
+    pub(crate) async fn on_owner(&self, key: &str, args: &[&str]) -> Resp {
+        let owner = self.owner(key).await;
+        redis_command(self.ports[owner], args).await
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A Redis reply.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Resp {
@@ -285,6 +440,27 @@ pub(crate) enum Resp {
     Int(i64),
     Bulk(Option<Vec<u8>>),
     Array(Option<Vec<Self>>),
+}
+
+/// Sends one command to the Redis on `port` and returns its reply.
+pub(crate) async fn redis_command(port: u16, args: &[&str]) -> Resp {
+    within(&format!("Redis {args:?} on port {port}"), async {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect to Redis");
+        let mut stream = BufReader::new(stream);
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .expect("send a Redis command");
+        read_resp(&mut stream).await
+    })
+    .await
 }
 
 pub(crate) fn read_resp(
@@ -504,6 +680,32 @@ impl Node {
 
     /// As [`Node::start`], with the Redis at `url` (a [`Proxy`] in front of it).
     pub(crate) async fn start_with(test: &str, name: &str, url: &str, extra: &[&str]) -> Self {
+        Self::start_args(test, name, &["--redis", url], extra).await
+    }
+
+    /// As [`Node::start`], on a Redis Cluster (`--redis-cluster`, each of
+    /// its masters a seed).
+    pub(crate) async fn start_cluster(
+        test: &str,
+        name: &str,
+        cluster: &RedisCluster,
+        extra: &[&str],
+    ) -> Self {
+        let urls = cluster.urls();
+        let mut args = Vec::new();
+        for url in &urls {
+            args.extend(["--redis-cluster", url.as_str()]);
+        }
+        Self::start_args(test, name, &args, extra).await
+    }
+
+    /// A node started with `broker` (its Redis flags) and `extra`.
+    pub(crate) async fn start_args(
+        test: &str,
+        name: &str,
+        broker: &[&str],
+        extra: &[&str],
+    ) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let log = log_path(test, name);
@@ -511,7 +713,7 @@ impl Node {
             let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--auth", "trust", "--api-key", API_KEY])
-                .args(["--redis", url])
+                .args(broker)
                 // The tests pipeline frames; the default 50/s would refuse them.
                 .args(["--rate-per-sec", "100000", "--rate-burst", "100000"])
                 .args(extra)
@@ -1069,25 +1271,4 @@ impl Pair {
 
 pub(crate) fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
-}
-
-/// One command to the Redis on `port`, on a connection of its own.
-pub(crate) async fn command_at(port: u16, args: &[&str]) -> Resp {
-    within(&format!("Redis {args:?}"), async {
-        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-            .await
-            .expect("connect to Redis");
-        let mut stream = BufReader::new(stream);
-        let mut request = format!("*{}\r\n", args.len());
-        for arg in args {
-            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-        }
-        stream
-            .get_mut()
-            .write_all(request.as_bytes())
-            .await
-            .expect("send a Redis command");
-        read_resp(&mut stream).await
-    })
-    .await
 }
