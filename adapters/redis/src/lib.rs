@@ -1202,6 +1202,7 @@ impl Broker for RedisBroker {
         // One write at a time per room on this node: the room index below
         // then never drops a room the node has presence in.
         let _serial = self.inner.presence_locks[lock_index(name)].lock().await;
+        let mut update = update;
         let mut reincarnated = false;
         loop {
             let node = self.node();
@@ -1229,6 +1230,10 @@ impl Broker for RedisBroker {
                     return Err(BrokerError("this node was taken for dead".into()));
                 }
                 reincarnated = true;
+                // Its users' leaves were announced: a write meant to be
+                // quiet (recorded again after a reconnect) announces the
+                // join, or counts heal with nobody told.
+                update.quiet = false;
                 continue;
             }
             match state {

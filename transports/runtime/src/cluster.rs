@@ -42,12 +42,16 @@ use crate::switchboard::Shared;
 /// doubles up to [`RETRY_MAX`] while they keep failing.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// Tries of a room's catch-up after a reconnect (the command connection may
-/// come back a moment after the subscription one), with these pauses between.
-const RESYNC_PAUSES: [Duration; 3] = [
+/// Tries of a room's catch-up after a reconnect, with these pauses between:
+/// the command connection may come back a while after the subscription one
+/// (its reconnect backs off up to 2 s), and a catch-up that gives up tells
+/// members `recovered: false` where a later try would have replayed.
+const RESYNC_PAUSES: [Duration; 5] = [
     Duration::from_millis(100),
     Duration::from_millis(200),
     Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
 ];
 
 /// How often a node compares its rooms' positions with the broker's.
