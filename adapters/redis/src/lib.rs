@@ -43,6 +43,9 @@ use switchboard_runtime::broker::{
 };
 use tokio::sync::{mpsc, OnceCell};
 
+mod sharded;
+pub use sharded::{score, shard_id, ShardedBroker};
+
 /// A node whose "alive" key is this old is dead; its presence is removed.
 /// It refreshes the key (and looks for dead nodes) three times per TTL.
 const DEFAULT_NODE_TTL: Duration = Duration::from_secs(10);

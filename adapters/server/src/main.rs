@@ -4,7 +4,8 @@
 //! (`POST /api/publish`, `POST /api/direct`) through which a backend in any
 //! language pushes to rooms and users. Every limit is a flag; `switchboard
 //! --help` lists them. With `--redis URL`, several servers share rooms
-//! through one Redis. SIGINT or SIGTERM shuts it down within
+//! through one Redis (given several times, rooms are sharded across those
+//! Redis instances). SIGINT or SIGTERM shuts it down within
 //! `--shutdown-timeout-ms` (a second signal exits at once).
 
 use std::net::SocketAddr;
@@ -88,9 +89,9 @@ struct Args {
     /// Seconds an empty room keeps its history.
     #[arg(long, default_value_t = 300)]
     history_ttl_secs: u64,
-    /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis.
-    #[arg(long, env = "SWITCHBOARD_REDIS")]
-    redis: Option<String>,
+    /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis. Repeated (or comma-separated): rooms are sharded across these independent Redis instances by consistent hashing of their names; give every node the same set, in any order.
+    #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
+    redis: Vec<String>,
     /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
@@ -207,19 +208,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
-    if args.redis.is_some() && !args.latest_prefixes.is_empty() {
+    if !args.redis.is_empty() && !args.latest_prefixes.is_empty() {
         tracing::warn!(
             "--latest-prefix has no effect with --redis: the broker keeps every message"
         );
     }
-    let switchboard = match &args.redis {
-        Some(url) => {
-            let broker = switchboard_redis::RedisBroker::new(url)?
-                .node_ttl(Duration::from_millis(args.redis_node_ttl_ms));
+    let open = |url: &str| {
+        Ok::<_, switchboard_runtime::broker::BrokerError>(
+            switchboard_redis::RedisBroker::new(url)?
+                .node_ttl(Duration::from_millis(args.redis_node_ttl_ms)),
+        )
+    };
+    let switchboard = match args.redis.as_slice() {
+        [] => builder.build()?,
+        // One Redis: the plain broker, no sharding layer.
+        [url] => {
+            let broker = open(url)?;
             tracing::info!(node = broker.node_id(), "sharing rooms through Redis");
             builder.broker(broker).start().await?
         }
-        None => builder.build()?,
+        urls => {
+            let broker = switchboard_redis::ShardedBroker::new(urls, open)?;
+            tracing::info!(shards = ?broker.shard_ids(), "sharing rooms through sharded Redis");
+            builder.broker(broker).start().await?
+        }
     };
 
     let mut options = Options::default();

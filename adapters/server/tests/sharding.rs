@@ -1,0 +1,305 @@
+//! Rooms sharded across two independent real Redis instances (`--redis`
+//! given twice): every node picks the same Redis for a room whatever the
+//! order of its flags, members get every message once and in order, clients
+//! recover through any node, and a Redis that dies fails only its own rooms.
+//!
+//! Processes (two `redis-server`s, `switchboard` nodes) are owned by guards
+//! that kill them on drop; every wait is bounded by [`WAIT`]; nothing asserts
+//! on timing. Logs: `$CARGO_TARGET_TMPDIR/cluster/<test>-<name>.log`.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+use switchboard_redis::{score, shard_id};
+
+use support::*;
+
+/// Which of `redis` holds `key`, as the nodes must compute it.
+fn expected_shard(redis: &[&Redis], key: &str) -> usize {
+    let scores: Vec<u64> = redis
+        .iter()
+        .map(|r| score(&shard_id(&r.url()).expect("a Redis URL"), key))
+        .collect();
+    let best = scores.iter().max().expect("a shard");
+    scores.iter().position(|s| s == best).expect("the best")
+}
+
+/// Starts a node given `urls` as `--redis`, in that order.
+async fn node(test: &str, name: &str, urls: &[String]) -> Node {
+    let mut extra: Vec<&str> = Vec::new();
+    for url in &urls[1..] {
+        extra.extend(["--redis", url.as_str()]);
+    }
+    Node::start_with(test, name, &urls[0], &extra).await
+}
+
+/// Reads `message` frames until `count` of them arrived, grouped by room.
+async fn messages_by_room(client: &mut Client, count: usize) -> BTreeMap<String, Vec<Value>> {
+    let mut rooms: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for _ in 0..count {
+        let message = client.next_message().await;
+        let room = message["room"].as_str().expect("a room").to_owned();
+        rooms.entry(room).or_default().push(message);
+    }
+    rooms
+}
+
+/// Three nodes, two of them given the Redis URLs in one order and the third
+/// in the other, share 16 rooms: each room's keys are on exactly the Redis
+/// the hash names (so all nodes agree), both Redis hold rooms, every member
+/// gets every message once in order whichever node published it, a client
+/// recovers through another node, and direct messages reach users whose
+/// channels are on either Redis.
+#[test]
+fn rooms_spread_over_two_redis_and_every_node_agrees() {
+    run(async {
+        let test = "sharding";
+        let a = Redis::start("sharding-a").await;
+        let b = Redis::start("sharding-b").await;
+        let urls = [a.url(), b.url()];
+        let reversed = [b.url(), a.url()];
+        let nodes = [
+            node(test, "n1", &urls).await,
+            node(test, "n2", &urls).await,
+            node(test, "n3", &reversed).await,
+        ];
+        let rooms: Vec<String> = (0..16).map(|i| format!("room-{i}")).collect();
+        let redis = [&a, &b];
+        let mut clients = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            // Users whose channels are on each Redis in turn.
+            let user = (0..)
+                .map(|k| format!("user{i}-{k}"))
+                .find(|u| expected_shard(&redis, u) == i % 2)
+                .expect("a user name");
+            let mut client = Client::connect(node, &user).await;
+            for room in &rooms {
+                client.join(room).await;
+            }
+            clients.push(client);
+        }
+        let per_room = 5u64;
+        for i in 1..=per_room {
+            for (r, room) in rooms.iter().enumerate() {
+                // Every node publishes to every room.
+                let node = &nodes[(r + i as usize) % nodes.len()];
+                api_publish(node, room, json!({"i": i})).await;
+            }
+        }
+        let mut epochs = BTreeMap::new();
+        for client in &mut clients {
+            let got = messages_by_room(client, rooms.len() * per_room as usize).await;
+            assert_eq!(
+                got.len(),
+                rooms.len(),
+                "{}: rooms {:?}",
+                client.user,
+                got.keys()
+            );
+            for (room, messages) in &got {
+                assert_consecutive(&format!("{} in {room}", client.user), messages, 1);
+                assert_eq!(messages.len() as u64, per_room, "{}: {room}", client.user);
+                let epoch = messages[0]["epoch"].as_str().expect("epoch").to_owned();
+                let first = epochs.entry(room.clone()).or_insert_with(|| epoch.clone());
+                assert_eq!(*first, epoch, "{}: {room}: another epoch", client.user);
+            }
+            client.assert_no_more_messages().await;
+        }
+
+        // Each room lives on exactly the Redis the hash names.
+        let mut held = [0, 0];
+        for room in &rooms {
+            let key = format!("sb:{{{room}}}:seq");
+            let on: Vec<i64> = [
+                a.int(&["EXISTS", &key]).await,
+                b.int(&["EXISTS", &key]).await,
+            ]
+            .into();
+            let shard = expected_shard(&redis, room);
+            let mut expected = vec![0, 0];
+            expected[shard] = 1;
+            assert_eq!(on, expected, "{room}: keys on the wrong Redis");
+            assert_eq!(
+                redis[shard].string(&["GET", &key]).await.as_deref(),
+                Some(per_room.to_string().as_str()),
+                "{room}"
+            );
+            held[shard] += 1;
+        }
+        assert!(
+            held[0] > 0 && held[1] > 0,
+            "one Redis holds every room: {held:?}"
+        );
+
+        // Recovery through another node: a client of node 3 that last saw
+        // seq 2 of a room on either Redis gets 3..=5 replayed.
+        for shard in 0..2 {
+            let room = rooms
+                .iter()
+                .find(|r| expected_shard(&redis, r) == shard)
+                .expect("a room on each Redis");
+            let epoch = &epochs[room];
+            let mut late = Client::connect(&nodes[2], &format!("late{shard}")).await;
+            let (replay, joined) = late.join_since(room, Some((2, epoch))).await;
+            assert_eq!(joined["recovered"], true, "{room}: {joined}");
+            assert_eq!(joined["epoch"], epoch.as_str(), "{room}: {joined}");
+            assert_consecutive(room, &replay, 3);
+            assert_eq!(replay.len(), 3, "{room}: {replay:?}");
+        }
+
+        // Direct messages to users whose channels are on each Redis, sent
+        // through a node other than theirs.
+        for (i, client) in clients.iter_mut().enumerate() {
+            let through = &nodes[(i + 1) % nodes.len()];
+            let (status, answer) = http_post(
+                through.port,
+                "/api/direct",
+                &json!({"user": client.user, "data": {"to": client.user}}),
+            )
+            .await;
+            assert_eq!((status, &answer["delivered"]), (200, &json!(1)), "{answer}");
+            let direct = client
+                .wait_for("a direct message", |f| f["type"] == "direct")
+                .await;
+            assert_eq!(direct["data"]["to"], client.user.as_str(), "{direct}");
+        }
+    });
+}
+
+/// Two nodes, two Redis. One Redis is killed (SIGKILL): rooms on the other
+/// keep publishing and delivering, untouched (no `joined` reset), while
+/// rooms on the dead one answer `unavailable`. Once it is back (empty: its
+/// data is lost), its rooms publish again and their members are told
+/// `recovered: false` once, in a new epoch.
+#[test]
+fn a_dead_redis_fails_only_its_rooms() {
+    run(async {
+        let test = "shard-down";
+        let a = Redis::start("shard-down-a").await;
+        let mut b = Redis::start("shard-down-b").await;
+        let n1 = node(test, "n1", &[a.url(), b.url()]).await;
+        let n2 = node(test, "n2", &[b.url(), a.url()]).await;
+        let (live, dead) = {
+            let redis = [&a, &b];
+            let pick = |shard: usize| {
+                (0..)
+                    .map(|i| format!("r{i}"))
+                    .find(|r| expected_shard(&redis, r) == shard)
+                    .expect("a room")
+            };
+            (pick(0), pick(1))
+        };
+        let mut c1 = Client::connect(&n1, "ann").await;
+        let mut c2 = Client::connect(&n2, "bob").await;
+        for client in [&mut c1, &mut c2] {
+            client.join(&live).await;
+            client.join(&dead).await;
+        }
+        publish_first(&n1, &live, 2, &mut [&mut c1, &mut c2]).await;
+        let old_epoch = publish_first(&n2, &dead, 2, &mut [&mut c1, &mut c2]).await;
+
+        b.stop();
+
+        // The live room goes on, through either node.
+        for (i, node) in [&n1, &n2].into_iter().enumerate() {
+            let answer = api_publish(node, &live, json!({"after": i})).await;
+            assert_eq!(answer["seq"], 3 + i, "{answer}");
+        }
+        for client in [&mut c1, &mut c2] {
+            let messages = client.messages_through(4).await;
+            assert_consecutive(&client.user, &messages, 3);
+        }
+        // The dead room: `unavailable`, over HTTP and from a client.
+        let (status, answer) = http_post(
+            n1.port,
+            "/api/publish",
+            &json!({"room": dead, "data": {"lost": true}}),
+        )
+        .await;
+        assert_eq!(status, 503, "{answer}");
+        assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+        c2.publish(&dead, "p-dead", json!({"lost": true})).await;
+        let refused = c2.answer("p-dead").await;
+        assert_eq!(
+            (&refused["type"], &refused["code"]),
+            (&json!("error"), &json!("unavailable")),
+            "{refused}"
+        );
+        // A room on the live Redis can still be joined meanwhile.
+        let mut c3 = Client::connect(&n2, "cid").await;
+        let (_, joined) = c3.join_since(&live, None).await;
+        assert_eq!(joined["seq"], 4, "{joined}");
+
+        b.restart().await;
+
+        // Both nodes reconnect; the dead room's members are told they
+        // cannot recover (Redis lost it), and it publishes again.
+        for client in [&mut c1, &mut c2] {
+            let reset = client
+                .wait_for("a reset of the dead room", |f| {
+                    f["type"] == "joined" && f["room"] == dead.as_str()
+                })
+                .await;
+            assert_eq!(reset["recovered"], false, "{}: {reset}", client.user);
+            assert_ne!(
+                reset["epoch"],
+                old_epoch.as_str(),
+                "{}: {reset}",
+                client.user
+            );
+        }
+        let answer = within("the dead room to publish again", async {
+            loop {
+                let (status, answer) = http_post(
+                    n2.port,
+                    "/api/publish",
+                    &json!({"room": dead, "data": {"back": true}}),
+                )
+                .await;
+                if status == 200 {
+                    return answer;
+                }
+                assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        for client in [&mut c1, &mut c2] {
+            let message = client
+                .wait_for("the dead room's new message", |f| {
+                    f["type"] == "message" && f["room"] == dead.as_str()
+                })
+                .await;
+            assert_eq!(message["data"]["back"], true, "{}: {message}", client.user);
+            assert_eq!(
+                message["epoch"], answer["epoch"],
+                "{}: {message}",
+                client.user
+            );
+        }
+        // The live room was never reset, and keeps its epoch and seq.
+        let answer = api_publish(&n2, &live, json!({"fence": true})).await;
+        assert_eq!(answer["seq"], 5, "{answer}");
+        for client in [&mut c1, &mut c2] {
+            let message = client
+                .wait_for("the live room's fence", |f| {
+                    f["type"] == "message" && f["room"] == live.as_str()
+                })
+                .await;
+            assert_eq!(message["seq"], 5, "{}: {message}", client.user);
+            let resets: Vec<&Value> = client
+                .pending
+                .iter()
+                .filter(|f| f["type"] == "joined" && f["room"] == live.as_str())
+                .collect();
+            assert!(
+                resets.is_empty(),
+                "{}: live room reset: {resets:?}",
+                client.user
+            );
+        }
+        let _ = c3;
+    });
+}
