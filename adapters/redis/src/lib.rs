@@ -35,6 +35,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSubSink};
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, Script};
 use switchboard_core::{Epoch, RoomName, Sid, UserId};
 use switchboard_runtime::async_trait;
@@ -307,8 +308,39 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
+/// Where the broker connects. Every (re)connect of the command and the
+/// pub/sub connection asks it for a client, so a broker that follows a
+/// Sentinel reaches the current master after a failover.
+enum Connector {
+    /// One Redis.
+    Standalone(Client),
+    /// The master Sentinel names, asked anew at each connect.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl Connector {
+    /// A client for the Redis to connect to now; bounded by
+    /// [`RESPONSE_TIMEOUT`] (Sentinel lookups included).
+    async fn client(&self) -> redis::RedisResult<Client> {
+        match self {
+            Self::Standalone(client) => Ok(client.clone()),
+            Self::Sentinel(sentinel) => {
+                let lookup = async { sentinel.lock().await.async_get_client().await };
+                tokio::time::timeout(RESPONSE_TIMEOUT, lookup)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(RedisError::from((
+                            redis::ErrorKind::Io,
+                            "asking the Sentinels for the master timed out",
+                        )))
+                    })
+            }
+        }
+    }
+}
+
 struct Inner {
-    client: Client,
+    connector: Connector,
     node: String,
     node_ttl: Duration,
     /// The command connection, while up.
@@ -336,30 +368,69 @@ impl RedisBroker {
     /// # Errors
     /// When the URL is not a Redis URL.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        // TCP_NODELAY: a publish is one small write that must not wait for
-        // an ACK. Keepalive and TCP_USER_TIMEOUT make the kernel give up on
-        // a peer that stopped answering (dead host, NAT timeout) within
-        // seconds; the pub/sub PING and the command timeouts notice even
-        // what they cannot (a middlebox that keeps the socket open).
-        let keepalive = TcpKeepalive::new()
-            .with_time(Duration::from_secs(5))
-            .with_interval(Duration::from_secs(1))
-            .with_retries(3);
-        let tcp = TcpSettings::default()
-            .set_nodelay(true)
-            .set_keepalive(keepalive)
-            .set_user_timeout(Duration::from_secs(8));
+        #[cfg(feature = "tls")]
+        tls_provider();
         let info = url
             .into_connection_info()
             .map_err(err)?
-            .set_tcp_settings(tcp);
-        let client = Client::open(info).map_err(err)?;
+            .set_tcp_settings(tcp_settings());
+        Self::with_connector(Connector::Standalone(Client::open(info).map_err(err)?))
+    }
+
+    /// A broker for the Redis at a `rediss://` URL whose certificate is
+    /// signed by the CA in `ca_pem` (PEM), instead of one the system trusts
+    /// (which [`RedisBroker::new`] uses for `rediss://`).
+    ///
+    /// # Errors
+    /// When the URL is not a `rediss://` URL, or the CA cannot be read.
+    #[cfg(feature = "tls")]
+    pub fn with_ca(url: &str, ca_pem: &[u8]) -> Result<Self, BrokerError> {
+        tls_provider();
+        let info = url
+            .into_connection_info()
+            .map_err(err)?
+            .set_tcp_settings(tcp_settings());
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem.to_vec()),
+        };
+        let client = Client::build_with_tls(info, certificates).map_err(err)?;
+        Self::with_connector(Connector::Standalone(client))
+    }
+
+    /// A broker for the master the Sentinels at `sentinels`
+    /// (`redis://127.0.0.1:26379`) name `master`. Every (re)connect asks
+    /// them again, so after a failover the node follows the new master
+    /// (whose rooms start a new epoch: it may lack the latest messages).
+    /// The master is reached without credentials, on database 0.
+    ///
+    /// # Errors
+    /// When no Sentinel is given or one is not a Redis URL.
+    pub fn sentinel<S: AsRef<str>>(sentinels: &[S], master: &str) -> Result<Self, BrokerError> {
+        let urls: Vec<&str> = sentinels.iter().map(AsRef::as_ref).collect();
+        if urls.is_empty() {
+            return Err(BrokerError("no Sentinel given".into()));
+        }
+        let node = SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings());
+        // A `String`: redis takes one without its TLS feature.
+        #[allow(clippy::unnecessary_to_owned)]
+        let client = SentinelClient::build(
+            urls,
+            master.to_owned(),
+            Some(node),
+            SentinelServerType::Master,
+        )
+        .map_err(err)?;
+        Self::with_connector(Connector::Sentinel(tokio::sync::Mutex::new(client)))
+    }
+
+    fn with_connector(connector: Connector) -> Result<Self, BrokerError> {
         let mut id = [0u8; 8];
         getrandom::fill(&mut id).map_err(|e| BrokerError(format!("no randomness: {e}")))?;
         let node = id.iter().map(|b| format!("{b:02x}")).collect();
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                connector,
                 node,
                 node_ttl: DEFAULT_NODE_TTL,
                 link: Mutex::new(None),
@@ -417,7 +488,12 @@ impl RedisBroker {
         let link = self.link().map_err(|e| (e, false))?;
         let result = f(link.con.clone(), Arc::clone(&link.run_id)).await;
         result.map_err(|e| {
-            let lost = e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error();
+            // READONLY: the Redis was demoted to a replica (a failover);
+            // a new connection finds the master.
+            let lost = e.is_timeout()
+                || e.is_io_error()
+                || e.is_unrecoverable_error()
+                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
             if lost {
                 self.drop_link(link.id, &e);
             }
@@ -535,7 +611,9 @@ impl RedisBroker {
             .set_response_timeout(Some(RESPONSE_TIMEOUT));
         let mut con = self
             .inner
-            .client
+            .connector
+            .client()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         let info: String = redis::cmd("INFO")
@@ -603,6 +681,30 @@ struct Link {
     con: MultiplexedConnection,
     run_id: Arc<str>,
     id: u64,
+}
+
+/// Makes ring rustls's process-wide crypto provider unless one was chosen:
+/// rustls cannot pick one itself when an application also builds it with
+/// aws-lc-rs.
+#[cfg(feature = "tls")]
+fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// TCP_NODELAY: a publish is one small write that must not wait for an
+/// ACK. Keepalive and TCP_USER_TIMEOUT make the kernel give up on a peer
+/// that stopped answering (dead host, NAT timeout) within seconds; the
+/// pub/sub PING and the command timeouts notice even what they cannot (a
+/// middlebox that keeps the socket open).
+fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(Duration::from_secs(8))
 }
 
 fn jitter() -> Duration {
@@ -919,7 +1021,16 @@ async fn run_pubsub(broker: RedisBroker, events: mpsc::Sender<BrokerEvent>) {
         if events.is_closed() {
             return;
         }
-        match tokio::time::timeout(RESPONSE_TIMEOUT, broker.inner.client.get_async_pubsub()).await {
+        let connect = async {
+            broker
+                .inner
+                .connector
+                .client()
+                .await?
+                .get_async_pubsub()
+                .await
+        };
+        match tokio::time::timeout(RESPONSE_TIMEOUT, connect).await {
             Ok(Ok(pubsub)) => {
                 let (sink, mut stream) = pubsub.split();
                 if !subscribe_wanted(&broker, sink).await {

@@ -92,6 +92,22 @@ struct Args {
     /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis. Repeated (or comma-separated): rooms are sharded across these independent Redis instances by consistent hashing of their names; give every node the same set, in any order.
     #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
     redis: Vec<String>,
+    /// PEM file of the CA that signed the Redis servers' certificates, for `rediss://` URLs (without it, the system's trusted CAs).
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "PATH")]
+    redis_ca_file: Option<std::path::PathBuf>,
+    /// Redis Sentinel URL (`redis://127.0.0.1:26379`, repeatable), instead of `--redis`: the node connects to the master the Sentinels name `--redis-sentinel-master`, and asks them again at every reconnect, so it follows a failover.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_SENTINEL",
+        value_delimiter = ',',
+        conflicts_with = "redis",
+        requires = "redis_sentinel_master"
+    )]
+    redis_sentinel: Vec<String>,
+    /// With `--redis-sentinel`: the name of the master the Sentinels monitor.
+    #[arg(long, value_name = "NAME", requires = "redis_sentinel")]
+    redis_sentinel_master: Option<String>,
     /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
@@ -208,18 +224,44 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
-    if !args.redis.is_empty() && !args.latest_prefixes.is_empty() {
+    let clustered = !args.redis.is_empty() || !args.redis_sentinel.is_empty();
+    if clustered && !args.latest_prefixes.is_empty() {
         tracing::warn!(
             "--latest-prefix has no effect with --redis: the broker keeps every message"
         );
     }
+    let node_ttl = Duration::from_millis(args.redis_node_ttl_ms);
+    #[cfg(feature = "tls")]
+    let ca = match &args.redis_ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read --redis-ca-file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let open = |url: &str| {
+        #[cfg(feature = "tls")]
+        if let Some(ca) = &ca {
+            if url.starts_with("rediss://") {
+                return Ok(switchboard_redis::RedisBroker::with_ca(url, ca)?.node_ttl(node_ttl));
+            }
+        }
         Ok::<_, switchboard_runtime::broker::BrokerError>(
-            switchboard_redis::RedisBroker::new(url)?
-                .node_ttl(Duration::from_millis(args.redis_node_ttl_ms)),
+            switchboard_redis::RedisBroker::new(url)?.node_ttl(node_ttl),
         )
     };
     let switchboard = match args.redis.as_slice() {
+        [] if !args.redis_sentinel.is_empty() => {
+            let master = args.redis_sentinel_master.as_deref().unwrap_or_default();
+            let broker = switchboard_redis::RedisBroker::sentinel(&args.redis_sentinel, master)?
+                .node_ttl(node_ttl);
+            tracing::info!(
+                node = broker.node_id(),
+                master,
+                "sharing rooms through Redis (Sentinel)"
+            );
+            builder.broker(broker).start().await?
+        }
         [] => builder.build()?,
         // One Redis: the plain broker, no sharding layer.
         [url] => {

@@ -189,24 +189,7 @@ impl Redis {
 
     /// Sends one command and returns its reply.
     pub(crate) async fn command(&self, args: &[&str]) -> Resp {
-        let port = self.port;
-        within(&format!("Redis {args:?}"), async {
-            let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-                .await
-                .expect("connect to Redis");
-            let mut stream = BufReader::new(stream);
-            let mut request = format!("*{}\r\n", args.len());
-            for arg in args {
-                request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-            }
-            stream
-                .get_mut()
-                .write_all(request.as_bytes())
-                .await
-                .expect("send a Redis command");
-            read_resp(&mut stream).await
-        })
-        .await
+        command_on(self.port, args).await
     }
 
     /// A command whose reply is an integer.
@@ -292,6 +275,75 @@ impl Drop for Redis {
     }
 }
 
+/// A `redis-server` started with arguments of the test's choosing (TLS, a
+/// replica, a Sentinel) on a free port; killed on drop.
+pub(crate) struct RedisProcess {
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) child: Option<Child>,
+    pub(crate) log: PathBuf,
+}
+
+impl RedisProcess {
+    /// Runs `redis-server` with `args(port)` for a free port, until it
+    /// accepts TCP connections on it (tried again on another port if it
+    /// exits at once: the port was taken meanwhile).
+    pub(crate) async fn start(test: &str, name: &str, args: impl Fn(u16) -> Vec<String>) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let log = log_path(test, name);
+            let (stdout, stderr) = log_file(&log);
+            let child = Command::new("redis-server")
+                .args(args(port))
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .expect("start redis-server");
+            let mut process = Self {
+                name: name.to_owned(),
+                port,
+                child: Some(child),
+                log,
+            };
+            let up = within(&format!("{name} to listen"), async {
+                loop {
+                    if let Some(Ok(Some(_))) = process.child.as_mut().map(Child::try_wait) {
+                        return false;
+                    }
+                    if TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                        .await
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if up {
+                return process;
+            }
+            eprintln!("{name} exited at start:\n{}", read_log(&process.log));
+        }
+        panic!("{name} would not start on a free port");
+    }
+
+    /// SIGKILL.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A Redis reply.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Resp {
@@ -344,6 +396,27 @@ pub(crate) fn read_resp(
             _ => panic!("not a Redis reply: {line}"),
         }
     })
+}
+
+/// Sends one command to the Redis (or Sentinel) on `port`; its reply.
+pub(crate) async fn command_on(port: u16, args: &[&str]) -> Resp {
+    within(&format!("Redis {args:?}"), async {
+        let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+            .await
+            .expect("connect to Redis");
+        let mut stream = BufReader::new(stream);
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .expect("send a Redis command");
+        read_resp(&mut stream).await
+    })
+    .await
 }
 
 pub(crate) async fn ping_redis(port: u16) -> bool {
@@ -495,6 +568,14 @@ impl Node {
 
     /// As [`Node::start`], with the Redis at `url` (a [`Proxy`] in front of it).
     pub(crate) async fn start_with(test: &str, name: &str, url: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["--redis", url];
+        args.extend_from_slice(extra);
+        Self::start_args(test, name, &args).await
+    }
+
+    /// A node with `args` as its broker flags (and any other), no `--redis`
+    /// of its own (`--redis-sentinel`, say).
+    pub(crate) async fn start_args(test: &str, name: &str, args: &[&str]) -> Self {
         for _ in 0..5 {
             let port = free_port();
             let log = log_path(test, name);
@@ -502,10 +583,9 @@ impl Node {
             let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--auth", "trust", "--api-key", API_KEY])
-                .args(["--redis", url])
                 // The tests pipeline frames; the default 50/s would refuse them.
                 .args(["--rate-per-sec", "100000", "--rate-burst", "100000"])
-                .args(extra)
+                .args(args)
                 .env("RUST_LOG", "info")
                 .stdin(Stdio::null())
                 .stdout(stdout)
