@@ -805,7 +805,13 @@ impl Hub {
     /// messages and must catch up. Queues one [`BrokerRequest::Resync`] per
     /// such room (in [`Hub::poll_output`]); returns how many.
     pub fn begin_resync(&mut self) -> usize {
-        self.resync_rooms(false)
+        self.resync_rooms(false, &|_| true)
+    }
+
+    /// As [`Hub::begin_resync`], for only the rooms `which` selects: a
+    /// broker that spreads rooms over several backends lost one of them.
+    pub fn begin_resync_of(&mut self, which: &dyn Fn(&RoomName) -> bool) -> usize {
+        self.resync_rooms(false, which)
     }
 
     /// After the broker took this node for dead while it was alive (paused,
@@ -814,12 +820,22 @@ impl Hub {
     /// again *with* join announcements, so counts and member lists heal on
     /// every node.
     pub fn begin_rejoin(&mut self) -> usize {
-        self.resync_rooms(true)
+        self.resync_rooms(true, &|_| true)
     }
 
-    fn resync_rooms(&mut self, announce: bool) -> usize {
+    /// As [`Hub::begin_rejoin`], for only the rooms `which` selects (the
+    /// rooms of the one backend that took this node for dead).
+    pub fn begin_rejoin_of(&mut self, which: &dyn Fn(&RoomName) -> bool) -> usize {
+        self.resync_rooms(true, which)
+    }
+
+    fn resync_rooms(&mut self, announce: bool, which: &dyn Fn(&RoomName) -> bool) -> usize {
         let mut requests = Vec::new();
-        for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
+        for r in self
+            .rooms
+            .values_mut()
+            .filter(|r| !r.members.is_empty() && which(&r.name))
+        {
             r.resync_buffer.get_or_insert_with(Vec::new);
             let mut present: Vec<PresenceNote> = Vec::with_capacity(r.users.len());
             let mut seen = std::collections::BTreeSet::new();

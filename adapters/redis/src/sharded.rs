@@ -25,7 +25,8 @@ use redis::IntoConnectionInfo;
 use switchboard_core::{Epoch, RoomName};
 use switchboard_runtime::async_trait;
 use switchboard_runtime::broker::{
-    Broker, BrokerError, BrokerEvent, Channel, DirectTo, PresenceUpdate, PublishRequest, RoomState,
+    Broker, BrokerError, BrokerEvent, Channel, DirectTo, PresenceUpdate, PublishRequest,
+    RoomSelector, RoomState,
 };
 use tokio::sync::mpsc;
 
@@ -146,6 +147,12 @@ impl ShardedBroker {
         pick(&self.seeds, room)
     }
 
+    /// The rooms of shard `index`.
+    fn selector(&self, index: usize) -> RoomSelector {
+        let seeds = self.seeds.clone();
+        RoomSelector::new(move |room| pick(&seeds, room.as_str()) == index)
+    }
+
     fn room(&self, room: &RoomName) -> &RedisBroker {
         &self.shards[pick(&self.seeds, room.as_str())]
     }
@@ -163,33 +170,76 @@ impl ShardedBroker {
 
 /// Waits before a shard that could not start is tried again.
 const START_RETRY_MAX: Duration = Duration::from_secs(2);
+/// Events one shard may have waiting for the runtime's queue; beyond it
+/// the shard drops them and then catches its rooms up (as `RedisBroker`
+/// does when the runtime's queue itself is full).
+const SHARD_EVENTS: usize = 1024;
+
+/// Passes one shard's events on to the runtime, in order, its reconnects
+/// and reaps narrowed to its rooms; ends when the runtime is gone.
+async fn forward(
+    mut from: mpsc::Receiver<BrokerEvent>,
+    to: mpsc::Sender<BrokerEvent>,
+    rooms: RoomSelector,
+) {
+    loop {
+        let event = tokio::select! {
+            event = from.recv() => event,
+            () = to.closed() => None,
+        };
+        let Some(event) = event else { return };
+        let event = match event {
+            BrokerEvent::Reconnected => BrokerEvent::ReconnectedRooms(rooms.clone()),
+            BrokerEvent::Reaped => BrokerEvent::ReapedRooms(rooms.clone()),
+            event => event,
+        };
+        if to.send(event).await.is_err() {
+            return;
+        }
+    }
+}
 
 #[async_trait]
 impl Broker for ShardedBroker {
     /// Starts every shard. Events from all shards go to `events`, each
-    /// shard's in its order. A shard unreachable at start does not stop the
-    /// node (at least one must answer): its rooms answer `unavailable`, and
-    /// it is tried again in the background; once it is up, the node catches
-    /// up as after a reconnect.
+    /// shard's in its order; a shard's reconnect (or reap) is passed on as
+    /// [`BrokerEvent::ReconnectedRooms`] (or [`BrokerEvent::ReapedRooms`])
+    /// for its rooms only, so the other shards' rooms are left alone. A
+    /// shard unreachable at start does not stop the node (at least one must
+    /// answer): its rooms answer `unavailable`, and it is tried again in the
+    /// background; once it is up, its rooms catch up as after a reconnect.
     async fn start(&self, events: mpsc::Sender<BrokerEvent>) -> Result<(), BrokerError> {
-        let results = join_all(self.shards.iter().map(|s| s.start(events.clone()))).await;
+        let mut inputs = Vec::with_capacity(self.shards.len());
+        for index in 0..self.shards.len() {
+            let (tx, rx) = mpsc::channel(SHARD_EVENTS);
+            tokio::spawn(forward(rx, events.clone(), self.selector(index)));
+            inputs.push(tx);
+        }
+        let results = join_all(
+            self.shards
+                .iter()
+                .zip(&inputs)
+                .map(|(s, tx)| s.start(tx.clone())),
+        )
+        .await;
         if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
             if results.iter().all(Result::is_err) {
                 return Err(e.clone());
             }
         }
-        for ((shard, id), result) in self.shards.iter().zip(&self.ids).zip(results) {
+        for (index, result) in results.into_iter().enumerate() {
             let Err(e) = result else { continue };
+            let id = self.ids[index].clone();
             tracing::warn!(shard = %id, error = %e, "Redis shard unreachable at start; trying again");
-            let (shard, id, events) = (shard.clone(), id.clone(), events.clone());
+            let (shard, input) = (self.shards[index].clone(), inputs[index].clone());
             tokio::spawn(async move {
                 let mut backoff = Duration::from_millis(100);
                 loop {
                     tokio::time::sleep(backoff).await;
-                    if events.is_closed() {
+                    if input.is_closed() {
                         return;
                     }
-                    match shard.start(events.clone()).await {
+                    match shard.start(input.clone()).await {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::debug!(shard = %id, error = %e, "Redis shard still unreachable")
@@ -199,7 +249,7 @@ impl Broker for ShardedBroker {
                 }
                 tracing::info!(shard = %id, "Redis shard up");
                 // Joins and presence changes of its rooms failed meanwhile.
-                let _ = events.send(BrokerEvent::Reconnected).await;
+                let _ = input.send(BrokerEvent::Reconnected).await;
             });
         }
         Ok(())
