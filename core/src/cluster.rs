@@ -1377,6 +1377,27 @@ mod tests {
         assert!(received(&mut hub, bob).is_empty());
     }
 
+    /// A resync or rejoin for some rooms (one broker shard's) leaves the
+    /// others alone.
+    #[test]
+    fn a_resync_of_some_rooms_leaves_the_others_alone() {
+        let mut hub = hub();
+        let member = connect(&mut hub, "member");
+        let reply = join(&mut hub, member);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        assert_eq!(seqs(&mut hub, &[member]), [vec![1]]);
+        assert_eq!(hub.begin_resync_of(&|room| room.as_str() == "other"), 0);
+        assert_eq!(hub.begin_rejoin_of(&|room| room.as_str() == "other"), 0);
+        assert!(resyncs(&mut hub).is_empty());
+        fan_out(&mut hub, 2);
+        assert_eq!(seqs(&mut hub, &[member]), [vec![2]], "not held");
+        assert_eq!(hub.begin_rejoin_of(&|room| room.as_str() == "r"), 1);
+        let rejoin = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(rejoin.announce);
+        assert_eq!(rejoin.since, Some((2, Epoch::from("E"))));
+    }
+
     /// A refused join undoes its presence with the same note it joined with
     /// (the broker ignores it if the join's record never landed).
     #[test]
