@@ -342,3 +342,66 @@ fn strip_ansi(text: &str) -> String {
     }
     out
 }
+
+/// A node whose second Redis is down when it starts still starts: rooms on
+/// the first work at once, rooms on the second answer `unavailable` until
+/// it comes up, then work too (the node keeps trying it).
+#[test]
+fn a_node_starts_while_one_redis_is_down() {
+    run(async {
+        let test = "shard-late";
+        let a = Redis::start("shard-late-a").await;
+        let mut b = Redis::start("shard-late-b").await;
+        let (up, late) = {
+            let redis = [&a, &b];
+            let pick = |shard: usize| {
+                (0..)
+                    .map(|i| format!("r{i}"))
+                    .find(|r| expected_shard(&redis, r) == shard)
+                    .expect("a room")
+            };
+            (pick(0), pick(1))
+        };
+        b.stop();
+        let n1 = node(test, "n1", &[a.url(), b.url()]).await;
+        let mut ann = Client::connect(&n1, "ann").await;
+        ann.join(&up).await;
+        let answer = api_publish(&n1, &up, json!({"i": 1})).await;
+        assert_eq!(answer["seq"], 1, "{answer}");
+        let (status, answer) =
+            http_post(n1.port, "/api/publish", &json!({"room": late, "data": {}})).await;
+        assert_eq!(status, 503, "{answer}");
+
+        b.restart().await;
+        let answer = within("the late Redis's room to publish", async {
+            loop {
+                let (status, answer) =
+                    http_post(n1.port, "/api/publish", &json!({"room": late, "data": {}})).await;
+                if status == 200 {
+                    return answer;
+                }
+                assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        assert_eq!(answer["seq"], 1, "{answer}");
+        // Joins and delivery on it work now, and the first room went on.
+        ann.join(&late).await;
+        api_publish(&n1, &late, json!({"i": 2})).await;
+        let message = ann
+            .wait_for("the late room's message", |f| {
+                f["type"] == "message" && f["room"] == late.as_str()
+            })
+            .await;
+        assert_eq!(message["seq"], 2, "{message}");
+        let first = ann.next_message().await;
+        assert_eq!((&first["room"], seq(&first)), (&json!(up), 1), "{first}");
+        assert_eq!(
+            b.string(&["GET", &format!("sb:{{{late}}}:seq")])
+                .await
+                .as_deref(),
+            Some("2")
+        );
+    });
+}
