@@ -239,6 +239,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         None => None,
     };
+    #[cfg(feature = "tls")]
+    if ca.is_some() && !args.redis.iter().any(|url| url.starts_with("rediss://")) {
+        tracing::warn!("--redis-ca-file has no effect without a rediss:// --redis URL");
+    }
     let open = |url: &str| {
         #[cfg(feature = "tls")]
         if let Some(ca) = &ca {
