@@ -90,7 +90,12 @@ struct Args {
     #[arg(long, default_value_t = 300)]
     history_ttl_secs: u64,
     /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis. Repeated (or comma-separated): rooms are sharded across these independent Redis instances by consistent hashing of their names; give every node the same set, in any order.
-    #[arg(long, env = "SWITCHBOARD_REDIS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
     redis: Vec<String>,
     /// PEM file of the CA that signed the Redis servers' certificates, for `rediss://` URLs (without it, the system's trusted CAs).
     #[cfg(feature = "tls")]
@@ -101,6 +106,7 @@ struct Args {
         long,
         env = "SWITCHBOARD_REDIS_SENTINEL",
         value_delimiter = ',',
+        value_name = "URL",
         conflicts_with = "redis",
         requires = "redis_sentinel_master"
     )]
