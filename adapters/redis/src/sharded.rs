@@ -5,7 +5,9 @@
 //! to the room's shard, a user's channel and direct messages to the user's,
 //! a session's to the session's. Each shard keeps its rooms' `seq`, epoch,
 //! history and presence exactly as a lone Redis does, so a room's guarantees
-//! are those of one Redis; a shard that is down fails only its own rooms.
+//! are those of one Redis; a shard that is down fails only its own rooms,
+//! and when it is back only its rooms catch up
+//! ([`BrokerEvent::ReconnectedRooms`]).
 //!
 //! **Choosing the shard.** Rendezvous (highest random weight) hashing: a key
 //! goes to the shard whose score for it is highest, the score being
