@@ -35,6 +35,32 @@ async fn node(test: &str, name: &str, urls: &[String]) -> Node {
     Node::start_with(test, name, &urls[0], &extra).await
 }
 
+/// Joins `room`, asking again while the node answers `unavailable`.
+async fn join_when_available(client: &mut Client, room: &str) {
+    let what = format!("{} to join {room}", client.user);
+    within(&what, async {
+        for attempt in 0.. {
+            let id = format!("join-{room}-{attempt}");
+            client
+                .send(json!({"type": "join", "room": room, "id": id}))
+                .await;
+            let answer = client
+                .wait_for("joined or an error", |f| {
+                    (f["type"] == "joined" && f["room"] == room)
+                        || (f["type"] == "error" && f["id"] == id.as_str())
+                })
+                .await;
+            if answer["type"] == "joined" {
+                assert_eq!(client.answer(&id).await["type"], "ack");
+                return;
+            }
+            assert_eq!(answer["code"], "unavailable", "{what}: {answer}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+}
+
 /// Reads `message` frames until `count` of them arrived, grouped by room.
 async fn messages_by_room(client: &mut Client, count: usize) -> BTreeMap<String, Vec<Value>> {
     let mut rooms: BTreeMap<String, Vec<Value>> = BTreeMap::new();
@@ -386,8 +412,9 @@ fn a_node_starts_while_one_redis_is_down() {
         })
         .await;
         assert_eq!(answer["seq"], 1, "{answer}");
-        // Joins and delivery on it work now, and the first room went on.
-        ann.join(&late).await;
+        // Joins and delivery on it work now (once the node's subscriber
+        // connection to it is up too), and the first room went on.
+        join_when_available(&mut ann, &late).await;
         api_publish(&n1, &late, json!({"i": 2})).await;
         let message = ann
             .wait_for("the late room's message", |f| {
