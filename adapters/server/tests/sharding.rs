@@ -326,7 +326,6 @@ fn a_dead_redis_fails_only_its_rooms() {
                 client.user
             );
         }
-        let _ = c3;
         // Only the dead room was caught up on each node: the reconnect
         // was narrowed to the rooms of the Redis that came back.
         for node in [&n1, &n2] {
@@ -430,5 +429,48 @@ fn a_node_starts_while_one_redis_is_down() {
                 .as_deref(),
             Some("2")
         );
+    });
+}
+
+/// Presence spans nodes per Redis: a user's join shows in rooms on both
+/// Redis, and when that user's node is killed (SIGKILL), each Redis's
+/// heartbeat takes it for dead on its own and its user's leave is announced
+/// in the rooms of both.
+#[test]
+fn a_killed_node_leaves_presence_on_every_redis() {
+    run(async {
+        let test = "shard-killed";
+        let a = Redis::start("shard-killed-a").await;
+        let b = Redis::start("shard-killed-b").await;
+        let ttl = ["--redis", &b.url(), "--redis-node-ttl-ms", "1500"];
+        let n1 = Node::start_with(test, "n1", &a.url(), &ttl).await;
+        let mut n2 = Node::start_with(test, "n2", &a.url(), &ttl).await;
+        let rooms: Vec<String> = {
+            let redis = [&a, &b];
+            (0..2)
+                .map(|shard| {
+                    (0..)
+                        .map(|i| format!("r{i}"))
+                        .find(|r| expected_shard(&redis, r) == shard)
+                        .expect("a room")
+                })
+                .collect()
+        };
+        let mut ann = Client::connect(&n1, "ann").await;
+        let mut bob = Client::connect(&n2, "bob").await;
+        for room in &rooms {
+            ann.join(room).await;
+            bob.join(room).await;
+            let event = ann.next_presence(room).await;
+            assert_presence(&event, "join", "bob", 2, "ann");
+            assert_eq!(ann.presence_list(room).await, users(&["ann", "bob"]));
+        }
+
+        n2.kill();
+        for room in &rooms {
+            let event = ann.next_presence(room).await;
+            assert_presence(&event, "leave", "bob", 1, "ann");
+            assert_eq!(ann.presence_list(room).await, users(&["ann"]));
+        }
     });
 }
