@@ -114,7 +114,7 @@ struct Args {
     /// With `--redis-sentinel`: the name of the master the Sentinels monitor.
     #[arg(long, value_name = "NAME", requires = "redis_sentinel")]
     redis_sentinel_master: Option<String>,
-    /// With `--redis`: milliseconds after which a silent node is taken for dead and its users leave presence.
+    /// With `--redis` or `--redis-sentinel`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
     /// How long a client may take to send a request's headers, in milliseconds; slower ones (or a connection that sends nothing) are cut. Also the idle time of a kept-alive connection between requests.
