@@ -844,7 +844,13 @@ impl Hub {
     /// messages and must catch up. Queues one [`BrokerRequest::Resync`] per
     /// such room (in [`Hub::poll_output`]); returns how many.
     pub fn begin_resync(&mut self) -> usize {
-        self.resync_rooms(false)
+        self.resync_rooms(false, &|_| true)
+    }
+
+    /// As [`Hub::begin_resync`], for only the rooms `which` selects: a
+    /// broker that spreads rooms over several backends lost one of them.
+    pub fn begin_resync_of(&mut self, which: &dyn Fn(&RoomName) -> bool) -> usize {
+        self.resync_rooms(false, which)
     }
 
     /// After the broker took this node for dead while it was alive (paused,
@@ -853,12 +859,22 @@ impl Hub {
     /// again *with* join announcements, so counts and member lists heal on
     /// every node.
     pub fn begin_rejoin(&mut self) -> usize {
-        self.resync_rooms(true)
+        self.resync_rooms(true, &|_| true)
     }
 
-    fn resync_rooms(&mut self, announce: bool) -> usize {
+    /// As [`Hub::begin_rejoin`], for only the rooms `which` selects (the
+    /// rooms of the one backend that took this node for dead).
+    pub fn begin_rejoin_of(&mut self, which: &dyn Fn(&RoomName) -> bool) -> usize {
+        self.resync_rooms(true, which)
+    }
+
+    fn resync_rooms(&mut self, announce: bool, which: &dyn Fn(&RoomName) -> bool) -> usize {
         let mut requests = Vec::new();
-        for r in self.rooms.values_mut().filter(|r| !r.members.is_empty()) {
+        for r in self
+            .rooms
+            .values_mut()
+            .filter(|r| !r.members.is_empty() && which(&r.name))
+        {
             r.resync_buffer.get_or_insert_with(Holding::default);
             let mut present: Vec<PresenceNote> = Vec::with_capacity(r.users.len());
             let mut seen = std::collections::BTreeSet::new();
@@ -1471,6 +1487,27 @@ mod tests {
             .all(|n| n.history_ttl == options.history_ttl && n.announce == options.presence));
         hub.complete_resync(NOW, &resync.room, Err(()));
         assert!(received(&mut hub, bob).is_empty());
+    }
+
+    /// A resync or rejoin for some rooms (one broker shard's) leaves the
+    /// others alone.
+    #[test]
+    fn a_resync_of_some_rooms_leaves_the_others_alone() {
+        let mut hub = hub();
+        let member = connect(&mut hub, "member");
+        let reply = join(&mut hub, member);
+        hub.complete_join(NOW, reply, answer(0));
+        fan_out(&mut hub, 1);
+        assert_eq!(seqs(&mut hub, &[member]), [vec![1]]);
+        assert_eq!(hub.begin_resync_of(&|room| room.as_str() == "other"), 0);
+        assert_eq!(hub.begin_rejoin_of(&|room| room.as_str() == "other"), 0);
+        assert!(resyncs(&mut hub).is_empty());
+        fan_out(&mut hub, 2);
+        assert_eq!(seqs(&mut hub, &[member]), [vec![2]], "not held");
+        assert_eq!(hub.begin_rejoin_of(&|room| room.as_str() == "r"), 1);
+        let rejoin = resyncs(&mut hub).pop().expect("a resync request");
+        assert!(rejoin.announce);
+        assert_eq!(rejoin.since, Some((2, Epoch::from("E"))));
     }
 
     /// A refused join undoes its presence with the same note it joined with

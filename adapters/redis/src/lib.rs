@@ -47,6 +47,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
     ProtocolVersion, PushInfo, PushKind, RedisError, RedisFuture, Script,
@@ -57,6 +58,9 @@ use switchboard_runtime::broker::{
     Broker, BrokerError, BrokerEvent, Channel, DirectTo, PresenceUpdate, PublishRequest, RoomState,
 };
 use tokio::sync::{mpsc, OnceCell};
+
+mod sharded;
+pub use sharded::{score, shard_id, ShardedBroker};
 
 /// A node whose "alive" key is this old is dead; its presence is removed.
 /// It refreshes the key (and looks for dead nodes) three times per TTL.
@@ -348,11 +352,14 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 /// How the broker reaches Redis. The rest of the broker only sees [`Con`]
-/// and [`Sink`]/[`Heard`], so another way in (Sentinel, TLS) is one more
-/// variant here.
+/// and [`Sink`]/[`Heard`]. Every (re)connect of the command and the pub/sub
+/// connection goes through it, so a broker that follows a Sentinel reaches
+/// the current master after a failover.
 enum Connector {
     /// One Redis server.
     Standalone(Client),
+    /// The master Sentinel names, asked anew at each connect.
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
     /// A Redis Cluster: a client for commands, and its seed nodes, from
     /// which each pub/sub connection gets a client of its own (its push
     /// channel is fixed when the client is built).
@@ -395,6 +402,26 @@ impl ConnectionLike for Con {
         match self {
             Self::Standalone(con) => con.get_db(),
             Self::Cluster(con) => con.get_db(),
+        }
+    }
+}
+
+impl Connector {
+    /// A client for the one Redis to connect to now (not for a cluster);
+    /// bounded by [`RESPONSE_TIMEOUT`], Sentinel lookups included.
+    async fn client(&self) -> redis::RedisResult<Client> {
+        match self {
+            Self::Standalone(client) => Ok(client.clone()),
+            Self::Sentinel(sentinel) => {
+                let lookup = async { sentinel.lock().await.async_get_client().await };
+                tokio::time::timeout(RESPONSE_TIMEOUT, lookup)
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out("asking the Sentinels for the master")))
+            }
+            Self::Cluster { .. } => Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "a Redis Cluster has no one client",
+            ))),
         }
     }
 }
@@ -480,6 +507,8 @@ impl RedisBroker {
     /// # Errors
     /// When the URL is not a Redis URL.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
+        #[cfg(feature = "tls")]
+        tls_provider();
         let info = url
             .into_connection_info()
             .map_err(err)?
@@ -511,6 +540,53 @@ impl RedisBroker {
             commands: Box::new(commands),
             seeds,
         })
+    }
+
+    /// A broker for the Redis at a `rediss://` URL whose certificate is
+    /// signed by the CA in `ca_pem` (PEM), instead of one the system trusts
+    /// (which [`RedisBroker::new`] uses for `rediss://`).
+    ///
+    /// # Errors
+    /// When the URL is not a `rediss://` URL, or the CA cannot be read.
+    #[cfg(feature = "tls")]
+    pub fn with_ca(url: &str, ca_pem: &[u8]) -> Result<Self, BrokerError> {
+        tls_provider();
+        let info = url
+            .into_connection_info()
+            .map_err(err)?
+            .set_tcp_settings(tcp_settings());
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem.to_vec()),
+        };
+        let client = Client::build_with_tls(info, certificates).map_err(err)?;
+        Self::with_connector(Connector::Standalone(client))
+    }
+
+    /// A broker for the master the Sentinels at `sentinels`
+    /// (`redis://127.0.0.1:26379`) name `master`. Every (re)connect asks
+    /// them again, so after a failover the node follows the new master
+    /// (whose rooms start a new epoch: it may lack the latest messages).
+    /// The master is reached without credentials, on database 0.
+    ///
+    /// # Errors
+    /// When no Sentinel is given or one is not a Redis URL.
+    pub fn sentinel<S: AsRef<str>>(sentinels: &[S], master: &str) -> Result<Self, BrokerError> {
+        let urls: Vec<&str> = sentinels.iter().map(AsRef::as_ref).collect();
+        if urls.is_empty() {
+            return Err(BrokerError("no Sentinel given".into()));
+        }
+        let node = SentinelNodeConnectionInfo::default().set_tcp_settings(tcp_settings());
+        // A `String`: redis takes one without its TLS feature.
+        #[allow(clippy::unnecessary_to_owned)]
+        let client = SentinelClient::build(
+            urls,
+            master.to_owned(),
+            Some(node),
+            SentinelServerType::Master,
+        )
+        .map_err(err)?;
+        Self::with_connector(Connector::Sentinel(tokio::sync::Mutex::new(client)))
     }
 
     fn with_connector(connector: Connector) -> Result<Self, BrokerError> {
@@ -649,7 +725,12 @@ impl RedisBroker {
         let link = self.link().map_err(|e| (e, false))?;
         let result = f(link.con.clone(), Arc::clone(&link.run_id)).await;
         result.map_err(|e| {
-            let lost = e.is_timeout() || e.is_io_error() || e.is_unrecoverable_error();
+            // READONLY: the Redis was demoted to a replica (a failover);
+            // a new connection finds the master.
+            let lost = e.is_timeout()
+                || e.is_io_error()
+                || e.is_unrecoverable_error()
+                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly);
             if lost {
                 self.drop_link(link.id, &e);
             }
@@ -776,7 +857,8 @@ impl RedisBroker {
     /// (empty for a cluster: its scripts read the run id of their master).
     async fn connect_link(&self) -> redis::RedisResult<Link> {
         let (con, run_id) = match &self.inner.connector {
-            Connector::Standalone(client) => {
+            Connector::Standalone(_) | Connector::Sentinel(_) => {
+                let client = self.inner.connector.client().await?;
                 let config = AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(RESPONSE_TIMEOUT))
                     .set_response_timeout(Some(RESPONSE_TIMEOUT));
@@ -1051,6 +1133,14 @@ struct Link {
     con: Con,
     run_id: Arc<str>,
     id: u64,
+}
+
+/// Makes ring rustls's process-wide crypto provider unless one was chosen:
+/// rustls cannot pick one itself when an application also builds it with
+/// aws-lc-rs.
+#[cfg(feature = "tls")]
+fn tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn jitter() -> Duration {
@@ -1562,7 +1652,8 @@ impl Heard {
 /// A new pub/sub connection.
 async fn connect_pubsub(broker: &RedisBroker) -> redis::RedisResult<(Sink, Heard)> {
     match &broker.inner.connector {
-        Connector::Standalone(client) => {
+        Connector::Standalone(_) | Connector::Sentinel(_) => {
+            let client = broker.inner.connector.client().await?;
             let pubsub = tokio::time::timeout(RESPONSE_TIMEOUT, client.get_async_pubsub())
                 .await
                 .map_err(|_| timed_out("connecting to Redis"))??;

@@ -3,7 +3,8 @@
 //! room's history does not expire while it has users, and a resync that
 //! cannot replay moves the room to one new epoch for every node.
 //!
-//! Two `RedisBroker`s stand for two nodes. Every wait is bounded; nothing
+//! Two `RedisBroker`s stand for two nodes; a `ShardedBroker` over two
+//! Redis routes rooms and reassembles `positions`. Every wait is bounded; nothing
 //! asserts on timing.
 
 use std::future::Future;
@@ -11,8 +12,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use switchboard_core::{RoomName, Sid, UserId};
-use switchboard_redis::RedisBroker;
+use switchboard_core::{Epoch, RoomName, Sid, UserId};
+use switchboard_redis::{RedisBroker, ShardedBroker};
 use switchboard_runtime::broker::{
     Broker, BrokerEvent, Channel, PresenceUpdate, PublishRequest, RoomState,
 };
@@ -527,5 +528,90 @@ fn a_presence_write_under_a_reaped_id_goes_on_under_a_new_id() {
         assert_eq!(a.presence(&hall, "ann", true).await, 2);
         let ann: Option<i64> = redis.query(&["HGET", "sb:{hall}:users", "ann"]).await;
         assert_eq!(ann, Some(1));
+    });
+}
+
+/// A `ShardedBroker` over two Redis puts each room's state on the shard it
+/// names, answers `positions` for rooms of both shards in the order asked
+/// (`None` for a room no shard has), and with one shard gone fails only
+/// that shard's rooms (and `positions` as a whole).
+#[test]
+fn a_sharded_broker_routes_rooms_and_reassembles_positions() {
+    run(async {
+        let redis = [Redis::start().await, Redis::start().await];
+        let mut redis = redis.into_iter();
+        let (a, mut b) = (redis.next().expect("a"), redis.next().expect("b"));
+        let sharded = ShardedBroker::new(&[a.url(), b.url()], RedisBroker::new).expect("URLs");
+        let (tx, _events) = mpsc::channel(1024);
+        within("the shards to start", sharded.start(tx))
+            .await
+            .expect("started");
+        let rooms: Vec<RoomName> = (0..20).map(|i| room(&format!("r{i}"))).collect();
+        for (i, name) in rooms.iter().enumerate() {
+            for n in 0..=i {
+                let key = format!("{name}-{n}");
+                let request = PublishRequest {
+                    room: name,
+                    body: r#""data":null"#,
+                    exclude: None,
+                    history: 10,
+                    history_ttl: TTL,
+                    new_epoch: "e",
+                    key: &key,
+                };
+                within("a publish", sharded.publish(request))
+                    .await
+                    .expect("published");
+            }
+        }
+        let mut on = [0, 0];
+        for (i, name) in rooms.iter().enumerate() {
+            let shard = sharded.shard_of_room(name.as_str());
+            on[shard] += 1;
+            let key = format!("sb:{{{name}}}:seq");
+            let seqs: [Option<String>; 2] =
+                [a.query(&["GET", &key]).await, b.query(&["GET", &key]).await];
+            let mut expected = [None, None];
+            expected[shard] = Some((i + 1).to_string());
+            assert_eq!(seqs, expected, "{name}");
+        }
+        assert!(on[0] > 0 && on[1] > 0, "{on:?}");
+
+        let mut asked: Vec<RoomName> = rooms.iter().rev().cloned().collect();
+        asked.insert(7, room("nobody"));
+        let positions = within("positions", sharded.positions(&asked))
+            .await
+            .expect("positions");
+        assert_eq!(positions.len(), asked.len());
+        for (name, position) in asked.iter().zip(&positions) {
+            let expected = name.as_str()[1..]
+                .parse::<u64>()
+                .ok()
+                .map(|i| (i + 1, Epoch::from("e")));
+            assert_eq!(position, &expected, "{name}");
+        }
+
+        // Shard b gone: its rooms fail, a's go on; positions fail as a whole.
+        let _ = b.child.kill();
+        let _ = b.child.wait();
+        let (live, dead): (Vec<&RoomName>, Vec<&RoomName>) = rooms
+            .iter()
+            .partition(|r| sharded.shard_of_room(r.as_str()) == 0);
+        for (name, works) in [(live[0], true), (dead[0], false)] {
+            let request = PublishRequest {
+                room: name,
+                body: r#""data":null"#,
+                exclude: None,
+                history: 10,
+                history_ttl: TTL,
+                new_epoch: "e",
+                key: "after",
+            };
+            let result = within("a publish", sharded.publish(request)).await;
+            assert_eq!(result.is_ok(), works, "{name}: {result:?}");
+        }
+        assert!(within("positions", sharded.positions(&asked))
+            .await
+            .is_err());
     });
 }

@@ -4,9 +4,10 @@
 //! (`POST /api/publish`, `POST /api/direct`) through which a backend in any
 //! language pushes to rooms and users. Every limit is a flag; `switchboard
 //! --help` lists them. With `--redis URL`, several servers share rooms
-//! through one Redis (`--redis-cluster URL`: through a Redis Cluster).
-//! SIGINT or SIGTERM shuts it down within `--shutdown-timeout-ms` (a second
-//! signal exits at once).
+//! through one Redis (given several times, rooms are sharded across those
+//! Redis instances; `--redis-cluster URL`: through a Redis Cluster;
+//! `--redis-sentinel URL`: through the master Sentinels name). SIGINT or SIGTERM shuts it down within
+//! `--shutdown-timeout-ms` (a second signal exits at once).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -89,13 +90,39 @@ struct Args {
     /// Seconds an empty room keeps its history.
     #[arg(long, default_value_t = 300)]
     history_ttl_secs: u64,
-    /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis.
-    #[arg(long, env = "SWITCHBOARD_REDIS")]
-    redis: Option<String>,
+    /// Redis URL (`redis://127.0.0.1:6379`): share rooms with every other node using the same Redis. Repeated (or comma-separated): rooms are sharded across these independent Redis instances by consistent hashing of their names; give every node the same set, in any order.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    redis: Vec<String>,
+    /// PEM file of the CA that signed the Redis servers' certificates, for `rediss://` URLs (without it, the system's trusted CAs).
+    #[cfg(feature = "tls")]
+    #[arg(long, value_name = "PATH")]
+    redis_ca_file: Option<std::path::PathBuf>,
+    /// Redis Sentinel URL (`redis://127.0.0.1:26379`, repeatable), instead of `--redis`: the node connects to the master the Sentinels name `--redis-sentinel-master`, and asks them again at every reconnect, so it follows a failover.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_SENTINEL",
+        value_delimiter = ',',
+        value_name = "URL",
+        conflicts_with = "redis",
+        requires = "redis_sentinel_master"
+    )]
+    redis_sentinel: Vec<String>,
+    /// With `--redis-sentinel`: the name of the master the Sentinels monitor.
+    #[arg(long, value_name = "NAME", requires = "redis_sentinel")]
+    redis_sentinel_master: Option<String>,
     /// Redis Cluster seed node URL (repeatable; one reachable seed is enough): share rooms with every other node using the same Redis Cluster. Instead of `--redis`.
-    #[arg(long = "redis-cluster", value_name = "URL", conflicts_with = "redis")]
+    #[arg(
+        long = "redis-cluster",
+        value_name = "URL",
+        conflicts_with_all = ["redis", "redis_sentinel"]
+    )]
     redis_cluster: Vec<String>,
-    /// With `--redis` or `--redis-cluster`: milliseconds after which a silent node is taken for dead and its users leave presence.
+    /// With `--redis`, `--redis-cluster` or `--redis-sentinel`: milliseconds after which a silent node is taken for dead and its users leave presence.
     #[arg(long, default_value_t = 10_000)]
     redis_node_ttl_ms: u64,
     /// How long a client may take to send a request's headers, in milliseconds; slower ones (or a connection that sends nothing) are cut. Also the idle time of a kept-alive connection between requests.
@@ -211,32 +238,70 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         AuthMode::Trust => builder.authenticator(TrustClientName),
     };
-    let shared = args.redis.is_some() || !args.redis_cluster.is_empty();
-    if shared && !args.latest_prefixes.is_empty() {
+    let clustered =
+        !args.redis.is_empty() || !args.redis_sentinel.is_empty() || !args.redis_cluster.is_empty();
+    if clustered && !args.latest_prefixes.is_empty() {
         tracing::warn!(
             "--latest-prefix has no effect with --redis: the broker keeps every message"
         );
     }
-    let broker = if !args.redis_cluster.is_empty() {
-        Some(switchboard_redis::RedisBroker::cluster(
-            &args.redis_cluster,
-        )?)
-    } else if let Some(url) = &args.redis {
-        Some(switchboard_redis::RedisBroker::new(url)?)
-    } else {
-        None
+    let node_ttl = Duration::from_millis(args.redis_node_ttl_ms);
+    #[cfg(feature = "tls")]
+    let ca = match &args.redis_ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read --redis-ca-file {}: {e}", path.display()))?,
+        ),
+        None => None,
     };
-    let switchboard = match broker {
-        Some(broker) => {
-            let broker = broker.node_ttl(Duration::from_millis(args.redis_node_ttl_ms));
+    #[cfg(feature = "tls")]
+    if ca.is_some() && !args.redis.iter().any(|url| url.starts_with("rediss://")) {
+        tracing::warn!("--redis-ca-file has no effect without a rediss:// --redis URL");
+    }
+    let open = |url: &str| {
+        #[cfg(feature = "tls")]
+        if let Some(ca) = &ca {
+            if url.starts_with("rediss://") {
+                return Ok(switchboard_redis::RedisBroker::with_ca(url, ca)?.node_ttl(node_ttl));
+            }
+        }
+        Ok::<_, switchboard_runtime::broker::BrokerError>(
+            switchboard_redis::RedisBroker::new(url)?.node_ttl(node_ttl),
+        )
+    };
+    let switchboard = match args.redis.as_slice() {
+        [] if !args.redis_cluster.is_empty() => {
+            let broker =
+                switchboard_redis::RedisBroker::cluster(&args.redis_cluster)?.node_ttl(node_ttl);
             tracing::info!(
                 node = broker.node_id(),
-                cluster = broker.is_cluster(),
-                "sharing rooms through Redis"
+                "sharing rooms through a Redis Cluster"
             );
             builder.broker(broker).start().await?
         }
-        None => builder.build()?,
+        [] if !args.redis_sentinel.is_empty() => {
+            let master = args.redis_sentinel_master.as_deref().unwrap_or_default();
+            let broker = switchboard_redis::RedisBroker::sentinel(&args.redis_sentinel, master)?
+                .node_ttl(node_ttl);
+            tracing::info!(
+                node = broker.node_id(),
+                master,
+                "sharing rooms through Redis (Sentinel)"
+            );
+            builder.broker(broker).start().await?
+        }
+        [] => builder.build()?,
+        // One Redis: the plain broker, no sharding layer.
+        [url] => {
+            let broker = open(url)?;
+            tracing::info!(node = broker.node_id(), "sharing rooms through Redis");
+            builder.broker(broker).start().await?
+        }
+        urls => {
+            let broker = switchboard_redis::ShardedBroker::new(urls, open)?;
+            tracing::info!(shards = ?broker.shard_ids(), "sharing rooms through sharded Redis");
+            builder.broker(broker).start().await?
+        }
     };
 
     let mut options = Options::default();

@@ -7,6 +7,7 @@
 //! node delivers what it hears to its local members. Without one (the
 //! default) everything stays in process.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -56,6 +57,37 @@ pub enum BrokerEvent {
     /// its users' leaves: presence must be recorded again, announced, and
     /// rooms brought up to date.
     Reaped,
+    /// As [`BrokerEvent::Reconnected`], for only the rooms it selects: a
+    /// broker that spreads rooms over several backends (Redis shards) lost
+    /// and found one of them, and the others' rooms missed nothing.
+    ReconnectedRooms(RoomSelector),
+    /// As [`BrokerEvent::Reaped`], for only the rooms it selects (those of
+    /// the one backend that took this node for dead).
+    ReapedRooms(RoomSelector),
+}
+
+/// Which rooms a [`BrokerEvent::ReconnectedRooms`] or
+/// [`BrokerEvent::ReapedRooms`] is about.
+#[derive(Clone)]
+pub struct RoomSelector(Arc<dyn Fn(&RoomName) -> bool + Send + Sync>);
+
+impl RoomSelector {
+    /// The rooms for which `which` is true.
+    pub fn new(which: impl Fn(&RoomName) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(which))
+    }
+
+    /// Whether `room` is selected.
+    #[must_use]
+    pub fn matches(&self, room: &RoomName) -> bool {
+        (self.0)(room)
+    }
+}
+
+impl std::fmt::Debug for RoomSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoomSelector(..)")
+    }
 }
 
 pub use switchboard_core::{Channel, Recipient as DirectTo, RoomSync as RoomState};

@@ -803,6 +803,17 @@ pub(crate) async fn run_events(
                     "the cluster took this node for dead; recording its presence again"
                 );
             }
+            BrokerEvent::ReconnectedRooms(which) => {
+                let rooms = shared.run(|inner, _| inner.hub.begin_resync_of(&|r| which.matches(r)));
+                tracing::info!(rooms, "catching up after a broker shard reconnect");
+            }
+            BrokerEvent::ReapedRooms(which) => {
+                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin_of(&|r| which.matches(r)));
+                tracing::warn!(
+                    rooms,
+                    "a broker shard took this node for dead; recording its presence again"
+                );
+            }
         }
     }
 }

@@ -432,6 +432,75 @@ impl Drop for RedisCluster {
     }
 }
 
+/// A `redis-server` started with arguments of the test's choosing (TLS, a
+/// replica, a Sentinel) on a free port; killed on drop.
+pub(crate) struct RedisProcess {
+    pub(crate) name: String,
+    pub(crate) port: u16,
+    pub(crate) child: Option<Child>,
+    pub(crate) log: PathBuf,
+}
+
+impl RedisProcess {
+    /// Runs `redis-server` with `args(port)` for a free port, until it
+    /// accepts TCP connections on it (tried again on another port if it
+    /// exits at once: the port was taken meanwhile).
+    pub(crate) async fn start(test: &str, name: &str, args: impl Fn(u16) -> Vec<String>) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let log = log_path(test, name);
+            let (stdout, stderr) = log_file(&log);
+            let child = Command::new("redis-server")
+                .args(args(port))
+                .stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(stderr)
+                .spawn()
+                .expect("start redis-server");
+            let mut process = Self {
+                name: name.to_owned(),
+                port,
+                child: Some(child),
+                log,
+            };
+            let up = within(&format!("{name} to listen"), async {
+                loop {
+                    if let Some(Ok(Some(_))) = process.child.as_mut().map(Child::try_wait) {
+                        return false;
+                    }
+                    if TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+                        .await
+                        .is_ok()
+                    {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+            if up {
+                return process;
+            }
+            eprintln!("{name} exited at start:\n{}", read_log(&process.log));
+        }
+        panic!("{name} would not start on a free port");
+    }
+
+    /// SIGKILL.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A Redis reply.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Resp {
