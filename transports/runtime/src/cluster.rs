@@ -23,16 +23,34 @@
 //! the broker keeps every channel it was asked for and subscribes them again
 //! when it reconnects.
 //!
-//! The rest (publishes, join lookups, directs, presence lists, catching up
-//! after a reconnect) run in the task that caused them: a session's frames
-//! are answered in order.
+//! The changes are sent in batches: the task takes what waits, up to
+//! [`MEMBERSHIP_BATCH`] keys (distinct, since at most one change per key
+//! waits), and performs runs of the same kind together, in order: one
+//! `SUBSCRIBE` (or `UNSUBSCRIBE`) for a run of channels, one pipeline for a
+//! run of presence changes. A key is in at most one batch at a time, so its
+//! changes still reach the broker one after the other, in order.
+//!
+//! Publishes go through one task too ([`run_publishes`]), in the order they
+//! were handed to it: it sends what waits as one batch (one pipeline, one
+//! round trip), one batch at a time, so a room's messages from one session
+//! are sequenced in the order the session sent them. A session does not
+//! wait for its publish to come back before its next frame is read: its
+//! publishes are pipelined (up to [`SESSION_PUBLISHES`] at the broker), and
+//! only a frame other than a publish waits for them, so that it is answered
+//! after them; acks come back in order.
+//!
+//! The rest (join lookups, directs, presence lists, catching up after a
+//! reconnect) run in the task that caused them: a session's frames are
+//! answered in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
-use switchboard_core::{BrokerRequest, Channel, ErrorCode, PresenceNote, RoomName, UserId};
+use switchboard_core::{
+    BrokerRequest, Channel, ErrorCode, PresenceNote, Reply, RoomName, Sid, UserId,
+};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::broker::{Broker, BrokerError, BrokerEvent, PresenceUpdate, PublishRequest};
@@ -52,6 +70,16 @@ const RESYNC_PAUSES: [Duration; 3] = [
 
 /// How often a node compares its rooms' positions with the broker's.
 const POSITION_CHECK: Duration = Duration::from_secs(5);
+
+/// Most publishes sent to the broker in one batch.
+const PUBLISH_BATCH: usize = 256;
+/// Most publishes one session may have at the broker; its next publish
+/// waits for the oldest to come back.
+pub(crate) const SESSION_PUBLISHES: usize = 64;
+/// Most membership keys changed in one batch.
+const MEMBERSHIP_BATCH: usize = 256;
+/// Most broker events fed to the core under one lock.
+const EVENTS_BATCH: usize = 64;
 
 type Waiter = oneshot::Sender<Result<(), BrokerError>>;
 
@@ -456,6 +484,26 @@ pub(crate) struct Work {
     waits: Vec<oneshot::Receiver<Result<(), BrokerError>>>,
 }
 
+impl Work {
+    /// The request, when it is a publish (which waits for nothing).
+    pub(crate) fn into_publish(self) -> Result<BrokerRequest, Work> {
+        if self.waits.is_empty() && matches!(self.request, BrokerRequest::Publish { .. }) {
+            Ok(self.request)
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl From<BrokerRequest> for Work {
+    fn from(request: BrokerRequest) -> Self {
+        Self {
+            request,
+            waits: Vec::new(),
+        }
+    }
+}
+
 /// Turns a core request into work, handing its membership part to the
 /// membership queue now (the caller holds the core's lock).
 pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option<Work> {
@@ -642,34 +690,23 @@ async fn perform(
     ready: Result<(), BrokerError>,
 ) -> Vec<Work> {
     match request {
-        BrokerRequest::Publish {
-            room,
-            body,
-            exclude,
-            history,
-            history_ttl,
-            reply,
-        } => {
-            let epoch = new_epoch();
-            let key = new_epoch();
-            let result = broker
-                .publish(PublishRequest {
-                    room: &room,
-                    body: &body,
-                    exclude: exclude.as_ref(),
-                    history,
-                    history_ttl,
-                    new_epoch: &epoch,
-                    key: &key,
-                })
-                .await;
-            if let Err(e) = &result {
-                tracing::warn!(room = %room, error = %e, "publish failed");
+        request @ BrokerRequest::Publish { .. } => {
+            // Through the node's publish pipeline, which answers it; this
+            // waits for that, so what follows is answered after it.
+            match shared.submit_publish(request) {
+                Ok(done) => {
+                    let _ = done.await;
+                }
+                Err(request) => {
+                    // No pipeline: not in broker mode, so nothing to publish to.
+                    if let BrokerRequest::Publish { reply, .. } = request {
+                        shared.run(|inner, now| {
+                            inner.hub.reply(now, reply, Err(ErrorCode::Unavailable));
+                        });
+                    }
+                }
             }
-            let result = result.map(|_| ()).map_err(|_| ErrorCode::Unavailable);
-            shared
-                .run_collect(|inner, now| inner.hub.reply(now, reply, result))
-                .1
+            Vec::new()
         }
         BrokerRequest::Join {
             room,
@@ -742,61 +779,253 @@ async fn perform(
     }
 }
 
-/// Feeds what the broker fans out into the core, in the broker's order.
+/// A publish handed to [`run_publishes`].
+pub(crate) struct PublishJob {
+    room: RoomName,
+    body: String,
+    exclude: Option<Sid>,
+    history: usize,
+    history_ttl: Duration,
+    reply: Reply,
+    /// Told once the publish's answer was given to the core.
+    done: oneshot::Sender<()>,
+}
+
+/// The node's publish pipeline, as its users see it: publishes handed to it
+/// reach the broker in the order they were handed over.
+///
+/// Not bounded by itself: every publish in it has a session (or a caller)
+/// waiting for it, and a session has at most [`SESSION_PUBLISHES`] in it.
+pub(crate) struct Publishes(mpsc::UnboundedSender<PublishJob>);
+
+/// A publish pipeline and the receiver its task ([`run_publishes`]) reads.
+pub(crate) fn publish_pipeline() -> (Publishes, mpsc::UnboundedReceiver<PublishJob>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Publishes(tx), rx)
+}
+
+impl Publishes {
+    /// Hands a publish over; the receiver resolves once its answer (ack or
+    /// error) was given to the core. `Err` gives back a request that is not
+    /// a publish.
+    pub(crate) fn submit(
+        &self,
+        request: BrokerRequest,
+    ) -> Result<oneshot::Receiver<()>, BrokerRequest> {
+        let BrokerRequest::Publish {
+            room,
+            body,
+            exclude,
+            history,
+            history_ttl,
+            reply,
+        } = request
+        else {
+            return Err(request);
+        };
+        let (done, rx) = oneshot::channel();
+        // A send fails only when the task is gone (the Switchboard is): the
+        // receiver then resolves at once.
+        let _ = self.0.send(PublishJob {
+            room,
+            body,
+            exclude,
+            history,
+            history_ttl,
+            reply,
+            done,
+        });
+        Ok(rx)
+    }
+}
+
+/// A session's publishes still at the broker, oldest first (see the module
+/// notes): its next frame that is not a publish waits for them all, and its
+/// next publish for the oldest when it has [`SESSION_PUBLISHES`].
+#[derive(Default)]
+pub(crate) struct SessionPublishes(Mutex<VecDeque<oneshot::Receiver<()>>>);
+
+impl SessionPublishes {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<oneshot::Receiver<()>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether some are still at the broker (those answered are forgotten).
+    pub(crate) fn pending(&self) -> bool {
+        let mut queue = self.lock();
+        while let Some(front) = queue.front_mut() {
+            match front.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return true,
+                _ => {
+                    queue.pop_front();
+                }
+            }
+        }
+        false
+    }
+
+    /// Adds one just handed to the pipeline.
+    pub(crate) fn push(&self, done: oneshot::Receiver<()>) {
+        self.lock().push_back(done);
+    }
+
+    /// Waits until at most `limit` are at the broker.
+    pub(crate) async fn wait_below(&self, limit: usize) {
+        loop {
+            let oldest = {
+                let mut queue = self.lock();
+                if queue.len() <= limit {
+                    return;
+                }
+                queue.pop_front()
+            };
+            if let Some(oldest) = oldest {
+                let _ = oldest.await;
+            }
+        }
+    }
+
+    /// Waits until every one was answered.
+    pub(crate) async fn settle(&self) {
+        self.wait_below(0).await;
+    }
+}
+
+/// Whether a client frame is a `publish` (its `type`), read without the
+/// core: a frame that is not is answered only after the session's
+/// publishes still at the broker. A frame this cannot read counts as not
+/// a publish (it waits).
+pub(crate) fn is_publish(frame: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Kind<'_>>(frame).is_ok_and(|k| k.kind.as_deref() == Some("publish"))
+}
+
+/// Sends the publishes handed to the pipeline to the broker, in order: what
+/// waits goes as one batch (up to [`PUBLISH_BATCH`]), one batch at a time,
+/// and their answers go to the core in order, under one lock.
+pub(crate) async fn run_publishes(
+    shared: std::sync::Weak<Shared>,
+    broker: Arc<dyn Broker>,
+    mut jobs: mpsc::UnboundedReceiver<PublishJob>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        let keys: Vec<(String, String)> =
+            batch.iter().map(|_| (new_epoch(), new_epoch())).collect();
+        let requests: Vec<PublishRequest<'_>> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(job, (epoch, key))| PublishRequest {
+                room: &job.room,
+                body: &job.body,
+                exclude: job.exclude.as_ref(),
+                history: job.history,
+                history_ttl: job.history_ttl,
+                new_epoch: epoch,
+                key,
+            })
+            .collect();
+        let mut results = broker.publish_batch(&requests).await.into_iter();
+        drop(requests);
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut dones = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(BrokerError("no answer for this publish".into())));
+            if let Err(e) = &result {
+                tracing::warn!(room = %job.room, error = %e, "publish failed");
+            }
+            answers.push((
+                job.reply,
+                result.map(|_| ()).map_err(|_| ErrorCode::Unavailable),
+            ));
+            dones.push(job.done);
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        // `run` performs what the answers produce (nothing, for an ack) in
+        // a task of its own.
+        shared.run(|inner, now| {
+            for (reply, result) in answers {
+                inner.hub.reply(now, reply, result);
+            }
+        });
+        drop(shared);
+        for done in dones {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Feeds what the broker fans out into the core, in the broker's order:
+/// what waits (up to [`EVENTS_BATCH`] events) under one lock, so that a
+/// burst of messages reaches the sessions' queues together and each
+/// session's writer sends them in one write.
 pub(crate) async fn run_events(
     shared: std::sync::Weak<Shared>,
     mut events: mpsc::Receiver<BrokerEvent>,
 ) {
-    while let Some(event) = events.recv().await {
+    let mut batch = Vec::with_capacity(EVENTS_BATCH);
+    while events.recv_many(&mut batch, EVENTS_BATCH).await > 0 {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        match event {
-            BrokerEvent::Message {
-                room,
-                seq,
-                epoch,
-                frame,
-                exclude,
-            } => {
-                shared.run(|inner, now| {
-                    inner.hub.handle_broker_message(
+        let notes = shared.run(|inner, now| {
+            let mut notes = Vec::new();
+            for event in batch.drain(..) {
+                match event {
+                    BrokerEvent::Message {
+                        room,
+                        seq,
+                        epoch,
+                        frame,
+                        exclude,
+                    } => inner.hub.handle_broker_message(
                         now,
                         room.as_str(),
                         seq,
                         &epoch,
                         frame,
                         exclude.as_ref(),
-                    );
-                });
+                    ),
+                    BrokerEvent::Presence {
+                        room,
+                        frame,
+                        exclude,
+                    } => {
+                        inner
+                            .hub
+                            .handle_broker_presence(room.as_str(), frame, exclude.as_ref());
+                    }
+                    BrokerEvent::Direct { to, frame } => {
+                        inner.hub.handle_broker_direct(&to, frame);
+                    }
+                    BrokerEvent::Reconnected => {
+                        // Every room with members here records its presence
+                        // again and catches up (replaying what it missed,
+                        // or moving to a new epoch); the work runs in a
+                        // task of its own.
+                        notes.push((false, inner.hub.begin_resync()));
+                    }
+                    BrokerEvent::Reaped => notes.push((true, inner.hub.begin_rejoin())),
+                }
             }
-            BrokerEvent::Presence {
-                room,
-                frame,
-                exclude,
-            } => {
-                shared.run(|inner, _| {
-                    inner
-                        .hub
-                        .handle_broker_presence(room.as_str(), frame, exclude.as_ref())
-                });
-            }
-            BrokerEvent::Direct { to, frame } => {
-                shared.run(|inner, _| inner.hub.handle_broker_direct(&to, frame));
-            }
-            BrokerEvent::Reconnected => {
-                // Every room with members here records its presence again
-                // and catches up (replaying what it missed, or moving to a
-                // new epoch); the work runs in a task of its own.
-                let rooms = shared.run(|inner, _| inner.hub.begin_resync());
-                tracing::info!(rooms, "catching up after a broker reconnect");
-            }
-            BrokerEvent::Reaped => {
-                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin());
+            notes
+        });
+        for (reaped, rooms) in notes {
+            if reaped {
                 tracing::warn!(
                     rooms,
                     "the cluster took this node for dead; recording its presence again"
                 );
+            } else {
+                tracing::info!(rooms, "catching up after a broker reconnect");
             }
         }
     }
