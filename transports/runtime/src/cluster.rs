@@ -5,7 +5,7 @@
 //! broker as state, not as a list of operations: the core's decisions, fed
 //! under the core's lock in the order it made them, say what each key (a
 //! channel, or a user in a room) should be, and one task brings the broker
-//! to that, one key at a time, in the order the keys changed. A key changes
+//! to that, in the order the keys changed (in batches: below). A key changes
 //! only to the opposite of what the broker was last told for it, so a key
 //! that changes back before the broker heard of it is dropped (a session
 //! that opened and closed while Redis was slow costs nothing), and at most
@@ -119,9 +119,8 @@ enum Slot {
     Barrier(Waiter),
 }
 
-/// The change being performed.
+/// A change being performed.
 struct InFlight {
-    key: Key,
     on: bool,
     waiters: Vec<Waiter>,
 }
@@ -199,7 +198,8 @@ struct State {
     pending: HashMap<Key, Entry>,
     /// Presence changes that failed, waiting for their next try.
     retry: HashMap<Key, Entry>,
-    in_flight: Option<InFlight>,
+    /// The changes being performed (one batch), by key.
+    in_flight: HashMap<Key, InFlight>,
     generations: u64,
     /// The Switchboard is gone: finish what is queued, then stop.
     closed: bool,
@@ -252,11 +252,11 @@ impl State {
         let base = if retried || force {
             None
         } else {
-            match &self.in_flight {
-                Some(f) if f.key == key => Some(f.on),
+            match self.in_flight.get(&key) {
+                Some(f) => Some(f.on),
                 // Changes alternate: the one before this (the opposite) was
                 // performed.
-                _ => Some(!on),
+                None => Some(!on),
             }
         };
         if base == Some(on) {
@@ -302,8 +302,8 @@ impl State {
         let Some(waiter) = waiter else {
             return;
         };
-        match &mut self.in_flight {
-            Some(f) if f.key == *key && f.on == on => f.waiters.push(waiter),
+        match self.in_flight.get_mut(key) {
+            Some(f) if f.on == on => f.waiters.push(waiter),
             _ => {
                 let _ = waiter.send(Ok(()));
             }
@@ -356,11 +356,13 @@ impl State {
                     let Some(entry) = self.pending.remove(&key) else {
                         continue;
                     };
-                    self.in_flight = Some(InFlight {
-                        key: key.clone(),
-                        on: entry.on,
-                        waiters: entry.waiters,
-                    });
+                    self.in_flight.insert(
+                        key.clone(),
+                        InFlight {
+                            on: entry.on,
+                            waiters: entry.waiters,
+                        },
+                    );
                     return Some(Job::Apply(Apply {
                         key,
                         on: entry.on,
@@ -374,8 +376,26 @@ impl State {
         None
     }
 
+    /// Up to `max` changes to perform together (of distinct keys, since at
+    /// most one change per key waits), in the order the keys changed; a
+    /// barrier ends a batch, after what came before it.
+    fn take_batch(&mut self, max: usize) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        while jobs.len() < max {
+            match self.take() {
+                Some(Job::Barrier(tx)) => {
+                    jobs.push(Job::Barrier(tx));
+                    break;
+                }
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
+        jobs
+    }
+
     fn finish(&mut self, done: Apply, result: Result<(), BrokerError>) {
-        if let Some(f) = self.in_flight.take() {
+        if let Some(f) = self.in_flight.remove(&done.key) {
             for waiter in f.waiters {
                 let _ = waiter.send(result.clone());
             }
@@ -572,9 +592,9 @@ pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option
     }
 }
 
-/// Brings the broker to the membership the core decided, one change at a
-/// time, in the order the keys changed; tries failed presence changes again
-/// with backoff.
+/// Brings the broker to the membership the core decided, in batches (see
+/// the module notes), in the order the keys changed; tries failed presence
+/// changes again with backoff.
 pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask) {
     let queue = task.0;
     let mut backoff = RETRY_MIN;
@@ -582,7 +602,7 @@ pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask
     // pause, so that a steady trickle of other changes cannot put it off.
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let job = {
+        let jobs = {
             let mut state = queue.lock();
             if state.retry.is_empty() {
                 retry_at = None;
@@ -595,73 +615,139 @@ pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
-            state.take()
+            state.take_batch(MEMBERSHIP_BATCH)
         };
-        match job {
-            Some(Job::Barrier(done)) => {
-                let _ = done.send(Ok(()));
+        if jobs.is_empty() {
+            if queue.lock().closed {
+                return;
             }
-            Some(Job::Apply(change)) => {
-                let result = perform_change(broker.as_ref(), &change).await;
-                match (&result, &change.key) {
-                    (Err(e), _) => {
-                        tracing::debug!(key = ?change.key, error = %e, "membership change failed");
-                    }
-                    (Ok(()), Key::Presence(room, user)) => {
-                        backoff = RETRY_MIN;
-                        if change.retried {
-                            tracing::info!(room = %room, user = %user, present = change.on,
-                                "presence recorded after a retry");
-                        }
-                    }
-                    (Ok(()), Key::Channel(_)) => {}
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
-                queue.lock().finish(change, result);
+            };
+            tokio::select! {
+                () = queue.wake.notified() => {}
+                () = retry => {}
             }
-            None => {
-                if queue.lock().closed {
-                    return;
-                }
-                let retry = async {
-                    match retry_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = queue.wake.notified() => {}
-                    () = retry => {}
-                }
+            continue;
+        }
+        let mut changes = Vec::with_capacity(jobs.len());
+        let mut barrier = None;
+        for job in jobs {
+            match job {
+                Job::Apply(change) => changes.push(change),
+                Job::Barrier(done) => barrier = Some(done),
             }
+        }
+        let results = perform_changes(broker.as_ref(), &changes).await;
+        let mut state = queue.lock();
+        for (change, result) in changes.into_iter().zip(results) {
+            match (&result, &change.key) {
+                (Err(e), _) => {
+                    tracing::debug!(key = ?change.key, error = %e, "membership change failed");
+                }
+                (Ok(()), Key::Presence(room, user)) => {
+                    backoff = RETRY_MIN;
+                    if change.retried {
+                        tracing::info!(room = %room, user = %user, present = change.on,
+                            "presence recorded after a retry");
+                    }
+                }
+                (Ok(()), Key::Channel(_)) => {}
+            }
+            state.finish(change, result);
+        }
+        drop(state);
+        if let Some(done) = barrier {
+            let _ = done.send(Ok(()));
         }
     }
 }
 
-async fn perform_change(broker: &dyn Broker, change: &Apply) -> Result<(), BrokerError> {
-    match &change.key {
-        Key::Channel(channel) if change.on => broker.subscribe(channel).await,
-        Key::Channel(channel) => {
-            broker.unsubscribe(channel).await;
-            Ok(())
-        }
-        Key::Presence(room, user) => {
-            let Some(note) = &change.note else {
-                return Ok(()); // presence changes always carry their note
-            };
-            broker
-                .presence(PresenceUpdate {
-                    room,
-                    user,
-                    present: change.on,
-                    subject: &note.subject,
-                    announce: note.announce,
-                    quiet: change.quiet,
-                    history_ttl: note.history_ttl,
-                })
-                .await
-                .map(|_| ())
+/// What kind of broker call a change is, for grouping a batch's changes.
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Call {
+    Subscribe,
+    Unsubscribe,
+    Presence,
+}
+
+impl Call {
+    fn of(change: &Apply) -> Self {
+        match change.key {
+            Key::Channel(_) if change.on => Self::Subscribe,
+            Key::Channel(_) => Self::Unsubscribe,
+            Key::Presence(..) => Self::Presence,
         }
     }
+}
+
+/// Performs a batch of changes (of distinct keys), in order: each run of
+/// changes of one kind in one call (one `SUBSCRIBE` for a run of channels,
+/// one pipeline for a run of presence changes). One result per change.
+async fn perform_changes(broker: &dyn Broker, changes: &[Apply]) -> Vec<Result<(), BrokerError>> {
+    let mut results = Vec::with_capacity(changes.len());
+    let mut rest = changes;
+    while let Some(first) = rest.first() {
+        let call = Call::of(first);
+        let len = rest.iter().take_while(|c| Call::of(c) == call).count();
+        let (run, after) = rest.split_at(len);
+        rest = after;
+        match call {
+            Call::Subscribe | Call::Unsubscribe => {
+                let channels: Vec<Channel> = run
+                    .iter()
+                    .filter_map(|c| match &c.key {
+                        Key::Channel(channel) => Some(channel.clone()),
+                        Key::Presence(..) => None,
+                    })
+                    .collect();
+                let result = if call == Call::Subscribe {
+                    broker.subscribe_many(&channels).await
+                } else {
+                    broker.unsubscribe_many(&channels).await;
+                    Ok(())
+                };
+                results.extend(run.iter().map(|_| result.clone()));
+            }
+            Call::Presence => {
+                let updates: Vec<PresenceUpdate<'_>> = run
+                    .iter()
+                    .filter_map(|change| {
+                        let (Key::Presence(room, user), Some(note)) = (&change.key, &change.note)
+                        else {
+                            return None;
+                        };
+                        Some(PresenceUpdate {
+                            room,
+                            user,
+                            present: change.on,
+                            subject: &note.subject,
+                            announce: note.announce,
+                            quiet: change.quiet,
+                            history_ttl: note.history_ttl,
+                        })
+                    })
+                    .collect();
+                let mut answers = broker.presence_batch(&updates).await.into_iter();
+                for change in run {
+                    results.push(if change.note.is_some() {
+                        answers
+                            .next()
+                            .unwrap_or_else(|| {
+                                Err(BrokerError("no answer for the presence change".into()))
+                            })
+                            .map(|_| ())
+                    } else {
+                        Ok(()) // presence changes always carry their note
+                    });
+                }
+            }
+        }
+    }
+    results
 }
 
 /// Performs work in order, feeding each result back to the core (which may
@@ -1232,6 +1318,50 @@ mod tests {
         assert_eq!(
             quiet.get(&Key::Presence(room("r"), UserId::from("bob"))),
             Some(&false)
+        );
+    }
+
+    /// A batch takes distinct keys in the order they changed and ends at
+    /// a barrier; a key changed again while its batch is performed waits
+    /// for the next batch.
+    #[test]
+    fn a_batch_takes_keys_in_order_up_to_a_barrier() {
+        let mut state = State::default();
+        for i in 0..3 {
+            state.set(Change::channel(sid_channel(i), true), None);
+        }
+        let mut barrier = state.barrier();
+        state.set(Change::presence(&room("r"), note("ann"), true), None);
+        let jobs = state.take_batch(MEMBERSHIP_BATCH);
+        assert_eq!(jobs.len(), 4, "three changes, then the barrier");
+        let mut changes = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Apply(change) => changes.push(change),
+                Job::Barrier(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+        assert_eq!(
+            changes.iter().map(|c| c.key.clone()).collect::<Vec<_>>(),
+            (0..3)
+                .map(|i| Key::Channel(sid_channel(i)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(barrier.try_recv().ok(), Some(Ok(())));
+        // Changed back while under way: queued for the next batch.
+        state.set(Change::channel(sid_channel(0), false), None);
+        for change in changes {
+            state.finish(change, Ok(()));
+        }
+        let next = drain(&mut state, &Ok(()));
+        assert_eq!(
+            next,
+            [
+                (Key::Presence(room("r"), UserId::from("ann")), true),
+                (Key::Channel(sid_channel(0)), false),
+            ]
         );
     }
 
