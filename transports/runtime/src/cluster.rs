@@ -505,22 +505,14 @@ pub(crate) struct Work {
 }
 
 impl Work {
-    /// The request, when it is a publish (which waits for nothing).
-    pub(crate) fn into_publish(self) -> Result<BrokerRequest, Work> {
-        if self.waits.is_empty() && matches!(self.request, BrokerRequest::Publish { .. }) {
-            Ok(self.request)
-        } else {
-            Err(self)
-        }
+    /// A publish (which waits for nothing): for the publish pipeline.
+    pub(crate) fn is_publish(&self) -> bool {
+        self.waits.is_empty() && matches!(self.request, BrokerRequest::Publish { .. })
     }
-}
 
-impl From<BrokerRequest> for Work {
-    fn from(request: BrokerRequest) -> Self {
-        Self {
-            request,
-            waits: Vec::new(),
-        }
+    /// The request (once its waits are over, or it has none).
+    pub(crate) fn into_request(self) -> BrokerRequest {
+        self.request
     }
 }
 
@@ -779,11 +771,11 @@ async fn perform(
         request @ BrokerRequest::Publish { .. } => {
             // Through the node's publish pipeline, which answers it; this
             // waits for that, so what follows is answered after it.
-            match shared.submit_publish(request) {
-                Ok(done) => {
-                    let _ = done.await;
+            match shared.publishes() {
+                Some(publishes) => {
+                    let _ = publishes.submit(request).await;
                 }
-                Err(request) => {
+                None => {
                     // No pipeline: not in broker mode, so nothing to publish to.
                     if let BrokerRequest::Publish { reply, .. } = request {
                         shared.run(|inner, now| {
@@ -892,12 +884,10 @@ pub(crate) fn publish_pipeline() -> (Publishes, mpsc::UnboundedReceiver<PublishJ
 
 impl Publishes {
     /// Hands a publish over; the receiver resolves once its answer (ack or
-    /// error) was given to the core. `Err` gives back a request that is not
-    /// a publish.
-    pub(crate) fn submit(
-        &self,
-        request: BrokerRequest,
-    ) -> Result<oneshot::Receiver<()>, BrokerRequest> {
+    /// error) was given to the core. Only for a publish
+    /// ([`Work::is_publish`]): another request is refused `unavailable`.
+    pub(crate) fn submit(&self, request: BrokerRequest) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
         let BrokerRequest::Publish {
             room,
             body,
@@ -907,9 +897,10 @@ impl Publishes {
             reply,
         } = request
         else {
-            return Err(request);
+            debug_assert!(false, "only publishes go to the publish pipeline");
+            tracing::error!("a request that is not a publish went to the publish pipeline");
+            return rx;
         };
-        let (done, rx) = oneshot::channel();
         // A send fails only when the task is gone (the Switchboard is): the
         // receiver then resolves at once.
         let _ = self.0.send(PublishJob {
@@ -921,7 +912,7 @@ impl Publishes {
             reply,
             done,
         });
-        Ok(rx)
+        rx
     }
 }
 

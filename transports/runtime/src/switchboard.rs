@@ -8,9 +8,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use slotmap::SecondaryMap;
 use switchboard_core::{
-    BrokerRequest, CloseReason, Config, ErrorCode, FrameError, Hub, Identity, Liveness, OpenPolicy,
-    Output, Policy, Published, RawValue, Recipient, Refresh, RoomInfo, RoomName, Sequencing,
-    SessionKey, Sid, Target, Timestamp, UserId,
+    CloseReason, Config, ErrorCode, FrameError, Hub, Identity, Liveness, OpenPolicy, Output,
+    Policy, Published, RawValue, Recipient, Refresh, RoomInfo, RoomName, Sequencing, SessionKey,
+    Sid, Target, Timestamp, UserId,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -407,13 +407,11 @@ impl Shared {
         if let (false, Some(broker)) = (work.is_empty(), &self.broker) {
             let mut rest = Vec::new();
             for work in work {
-                match work.into_publish() {
-                    Ok(request) if rest.is_empty() => match self.submit_publish(request) {
-                        Ok(done) => publishes.push(done),
-                        Err(request) => rest.push(Work::from(request)),
-                    },
-                    Ok(request) => rest.push(Work::from(request)),
-                    Err(work) => rest.push(work),
+                match &self.publishes {
+                    Some(pipeline) if rest.is_empty() && work.is_publish() => {
+                        publishes.push(pipeline.submit(work.into_request()));
+                    }
+                    _ => rest.push(work),
                 }
             }
             if !rest.is_empty() {
@@ -426,18 +424,9 @@ impl Shared {
         self.complete_refreshes().await;
     }
 
-    /// Hands a publish to the node's publish pipeline; the receiver
-    /// resolves once it was answered. The request comes back without a
-    /// pipeline (one-node mode, where the core publishes by itself) or when
-    /// it is not a publish.
-    pub(crate) fn submit_publish(
-        &self,
-        request: BrokerRequest,
-    ) -> Result<tokio::sync::oneshot::Receiver<()>, BrokerRequest> {
-        match &self.publishes {
-            Some(publishes) => publishes.submit(request),
-            None => Err(request),
-        }
+    /// The node's publish pipeline (broker mode).
+    pub(crate) fn publishes(&self) -> Option<&Publishes> {
+        self.publishes.as_ref()
     }
 
     /// Checks the tokens of pending `refresh` frames with the authenticator
