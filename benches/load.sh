@@ -23,7 +23,8 @@ scenarios=("$@")
 
 # NO_BUILD=1 runs the binaries already in target/release.
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p switchboard-server -p switchboard-benches
-server=target/release/switchboard
+# SERVER=path runs another server binary (an older build, to compare).
+server=${SERVER:-target/release/switchboard}
 loadgen=target/release/loadgen
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
