@@ -76,7 +76,8 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
-    /// This publish's idempotency key (random, drawn by the runtime): a
+    /// This publish's idempotency key (unique: 64 random bits drawn by
+    /// the runtime, and the publish's place in its batch): a
     /// broker that retries a publish whose answer was lost uses it to
     /// publish it at most once, and answers the retry with the first
     /// try's `seq` and `epoch`.

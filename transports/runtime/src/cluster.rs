@@ -991,18 +991,23 @@ pub(crate) async fn run_publishes(
 ) {
     let mut batch = Vec::with_capacity(PUBLISH_BATCH);
     while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
-        let keys: Vec<(String, String)> =
-            batch.iter().map(|_| (new_epoch(), new_epoch())).collect();
+        // Two draws of randomness per batch, not per publish: one epoch for
+        // any room of the batch whose history starts now (its first publish
+        // starts it; the others find it), and 64 random bits that, with the
+        // publish's place in the batch, make each publish's key.
+        let epoch = new_epoch();
+        let base = new_epoch();
+        let keys: Vec<String> = (0..batch.len()).map(|i| format!("{base}.{i}")).collect();
         let requests: Vec<PublishRequest<'_>> = batch
             .iter()
             .zip(&keys)
-            .map(|(job, (epoch, key))| PublishRequest {
+            .map(|(job, key)| PublishRequest {
                 room: &job.room,
                 body: &job.body,
                 exclude: job.exclude.as_ref(),
                 history: job.history,
                 history_ttl: job.history_ttl,
-                new_epoch: epoch,
+                new_epoch: &epoch,
                 key,
             })
             .collect();
