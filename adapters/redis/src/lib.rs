@@ -659,6 +659,9 @@ impl Broker for RedisBroker {
         &self,
         requests: &[PublishRequest<'_>],
     ) -> Vec<Result<(u64, Epoch), BrokerError>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
         let failed = |e: &BrokerError| requests.iter().map(|_| Err(e.clone())).collect();
         let results = match self.publish_batch_once(requests).await {
             Ok(results) => results,
