@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The load runs behind the figures in the issues' notes, in one command:
 # fan-out over WebSocket, SSE and long-poll against one server; the same
-# fan-out over two nodes sharing one Redis against a single node with that
-# Redis; and idle connections with the server's memory per connection.
+# fan-out over one node without Redis, one node with Redis and two nodes
+# sharing that Redis, with the ratio of their CPU per delivery; and idle
+# connections with the server's memory per connection.
 #
 #   benches/load.sh [fanout] [cluster] [idle]     (default: all three)
 #
@@ -22,7 +23,8 @@ scenarios=("$@")
 
 # NO_BUILD=1 runs the binaries already in target/release.
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet -p switchboard-server -p switchboard-benches
-server=target/release/switchboard
+# SERVER=path runs another server binary (an older build, to compare).
+server=${SERVER:-target/release/switchboard}
 loadgen=target/release/loadgen
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
@@ -69,22 +71,44 @@ for scenario in "${scenarios[@]}"; do
     done
     ;;
   cluster)
+    # The same fan-out, in one run: one node without Redis, one node with
+    # Redis, two nodes sharing that Redis; then the broker path's cost as a
+    # ratio of CPU per delivery (with Redis / without). Every node gets the
+    # same loadgen parameters; Redis's own CPU is reported per publish.
     command -v redis-server >/dev/null || { echo "cluster: redis-server is not installed" >&2; exit 1; }
     redis_port=$(free_port)
     redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
-    pids+=("$!")
+    redis_pid=$!
+    pids+=("$redis_pid")
     wait_port "$redis_port"
     redis="redis://127.0.0.1:$redis_port"
+    local_port=$(free_port)
+    start_server "$local_port"
+    local_pid=$last_pid
     one=$(free_port)
     start_server "$one" --redis "$redis"
     one_pid=$last_pid
     two=$(free_port)
     start_server "$two" --redis "$redis"
+    two_pid=$last_pid
+    out=$(mktemp)
+    echo "== fan-out over ws, one node without Redis"
+    fanout --url "ws://127.0.0.1:$local_port/ws" --room bench_local --server-pid "$local_pid" | tee "$out.local"
     echo "== fan-out over ws, one node with Redis"
-    fanout --url "ws://127.0.0.1:$one/ws" --room bench_single --server-pid "$one_pid"
-    echo "== fan-out over ws, two nodes with one Redis (subscribers split; CPU is the first node's)"
+    fanout --url "ws://127.0.0.1:$one/ws" --room bench_single --server-pid "$one_pid" \
+      --redis-pid "$redis_pid" | tee "$out.single"
+    echo "== fan-out over ws, two nodes with one Redis (subscribers split; CPU is both nodes' sum)"
     fanout --url "ws://127.0.0.1:$one/ws" --url "ws://127.0.0.1:$two/ws" --room bench_pair \
-      --server-pid "$one_pid"
+      --server-pid "$one_pid" --server-pid "$two_pid" --redis-pid "$redis_pid" | tee "$out.pair"
+    figure() { awk -v key="$2" '$0 ~ "^"key {print $NF == "us" ? $(NF-1) : $NF}' "$out.$1"; }
+    echo "== summary (server CPU per delivery, deliveries/s)"
+    for run in local single pair; do
+      printf '%-7s %8s us %10s/s\n' "$run" "$(figure "$run" "server cpu/delivery")" \
+        "$(figure "$run" "deliveries/s")"
+    done
+    awk -v a="$(figure single "server cpu/delivery")" -v b="$(figure local "server cpu/delivery")" \
+      'BEGIN { if (b > 0) printf "ratio   %.2fx CPU per delivery, one node with Redis / without\n", a / b }'
+    rm -f "$out" "$out.local" "$out.single" "$out.pair"
     ;;
   idle)
     port=$(free_port)

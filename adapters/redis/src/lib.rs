@@ -79,7 +79,8 @@ const PUBSUB_PING: Duration = Duration::from_secs(1);
 /// How long Redis remembers a publish's key (and its seq and epoch), so that
 /// a retry of it is not published twice.
 const PUBLISH_KEY_TTL: Duration = Duration::from_secs(60);
-/// Channels per `SUBSCRIBE` when subscribing again after a reconnect.
+/// Channels per `SUBSCRIBE` (or `UNSUBSCRIBE`): when subscribing again
+/// after a reconnect, and for the runtime's batches.
 const SUBSCRIBE_BATCH: usize = 256;
 /// Rooms per pipeline when the runtime checks room positions.
 const POSITIONS_BATCH: usize = 256;
@@ -761,35 +762,76 @@ impl RedisBroker {
         }
     }
 
-    /// One try of a publish; see [`Broker::publish`].
-    async fn publish_once(
+    /// The `EVALSHA` of the publish script (`hash`) for one publish.
+    fn publish_evalsha(
         &self,
+        hash: &str,
         request: &PublishRequest<'_>,
-    ) -> Result<(u64, String), (BrokerError, bool)> {
+        run_id: &str,
+    ) -> redis::Cmd {
         let room = request.room.as_str();
-        let done = room_key(room, &format!("pub:{}", request.key));
-        let channel = self.room_channel(request.room);
+        let mut command = redis::cmd("EVALSHA");
+        command
+            .arg(hash)
+            .arg(6)
+            .arg(room_key(room, "seq"))
+            .arg(room_key(room, "epoch"))
+            .arg(room_key(room, "log"))
+            .arg(room_key(room, "users"))
+            .arg(room_key(room, "run"))
+            .arg(room_key(room, &format!("pub:{}", request.key)))
+            .arg(room)
+            .arg(request.body)
+            .arg(request.exclude.map_or("", Sid::as_str))
+            .arg(request.history)
+            .arg(millis(request.history_ttl))
+            .arg(request.new_epoch)
+            .arg(run_id)
+            .arg(millis(PUBLISH_KEY_TTL))
+            .arg(self.publish_command())
+            .arg(self.room_channel(request.room));
+        command
+    }
+
+    /// One try of a batch of publishes, as one pipeline (one round trip;
+    /// Redis runs them in order): one result per publish. `Err` when the
+    /// pipeline failed as a whole, with whether it was sent and its answer
+    /// lost (some may have been published).
+    async fn publish_batch_once(
+        &self,
+        requests: &[PublishRequest<'_>],
+    ) -> Result<Vec<redis::RedisResult<(u64, String)>>, (BrokerError, bool)> {
+        let script = &self.inner.publish;
         self.call_checked(|mut con, run_id| async move {
-            self.inner
-                .publish
-                .key(room_key(room, "seq"))
-                .key(room_key(room, "epoch"))
-                .key(room_key(room, "log"))
-                .key(room_key(room, "users"))
-                .key(room_key(room, "run"))
-                .key(done)
-                .arg(room)
-                .arg(request.body)
-                .arg(request.exclude.map_or("", Sid::as_str))
-                .arg(request.history)
-                .arg(millis(request.history_ttl))
-                .arg(request.new_epoch)
-                .arg(&*run_id)
-                .arg(millis(PUBLISH_KEY_TTL))
-                .arg(self.publish_command())
-                .arg(channel)
-                .invoke_async(&mut con)
-                .await
+            let pipeline = |requests: &[PublishRequest<'_>]| {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for request in requests {
+                    pipe.add_command(self.publish_evalsha(script.get_hash(), request, &run_id));
+                }
+                pipe
+            };
+            let mut results: Vec<redis::RedisResult<(u64, String)>> =
+                pipeline(requests).query_async(&mut con).await?;
+            // A Redis that lost its scripts (`SCRIPT FLUSH`) refuses them
+            // all with NOSCRIPT, publishing nothing: load the script and
+            // send them again. Only a refused tail is sent again, so that
+            // no publish overtakes one that landed after it was refused.
+            let refused = |r: &redis::RedisResult<(u64, String)>| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                })
+            };
+            if let Some(first) = results.iter().position(refused) {
+                if results[first..].iter().all(refused) {
+                    script.prepare_invoke().load_async(&mut con).await?;
+                    let again: Vec<redis::RedisResult<(u64, String)>> =
+                        pipeline(&requests[first..]).query_async(&mut con).await?;
+                    results.truncate(first);
+                    results.extend(again);
+                }
+            }
+            Ok(results)
         })
         .await
     }
@@ -1193,23 +1235,49 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError> {
-        let (seq, epoch) = match self.publish_once(&request).await {
-            Ok(done) => done,
-            Err((e, false)) => return Err(e),
+        self.publish_batch(&[request])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BrokerError("no answer for the publish".into())))
+    }
+
+    /// One pipeline per batch (one round trip), in order.
+    async fn publish_batch(
+        &self,
+        requests: &[PublishRequest<'_>],
+    ) -> Vec<Result<(u64, Epoch), BrokerError>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let failed = |e: &BrokerError| requests.iter().map(|_| Err(e.clone())).collect();
+        let results = match self.publish_batch_once(requests).await {
+            Ok(results) => results,
+            Err((e, false)) => return failed(&e),
             // Sent, but its answer was lost (a timeout: a blackholed or
-            // dead connection): it may have been published. Tried once
-            // more on a new connection; its key makes that a no-op if the
-            // first try landed, which then answers with the first's seq.
+            // dead connection): some may have been published. The batch is
+            // tried once more, in order, on a new connection; their keys
+            // make that a no-op for those that landed, which then answer
+            // with their first try's seq.
             Err((e, true)) => {
-                tracing::warn!(room = %request.room, error = %e,
-                    "a publish's answer was lost; trying again with its key");
+                tracing::warn!(publishes = requests.len(), error = %e,
+                    "publishes' answer was lost; trying again with their keys");
                 if !self.wait_link(RESPONSE_TIMEOUT).await {
-                    return Err(e);
+                    return failed(&e);
                 }
-                self.publish_once(&request).await.map_err(|(e, _)| e)?
+                match self.publish_batch_once(requests).await {
+                    Ok(results) => results,
+                    Err((e, _)) => return failed(&e),
+                }
             }
         };
-        Ok((seq, Epoch::from(epoch)))
+        let mut results: Vec<Result<(u64, Epoch), BrokerError>> = results
+            .into_iter()
+            .map(|r| r.map(|(seq, epoch)| (seq, Epoch::from(epoch))).map_err(err))
+            .collect();
+        results.resize_with(requests.len(), || {
+            Err(BrokerError("no answer for the publish".into()))
+        });
+        results
     }
 
     async fn room_state(
@@ -1268,6 +1336,61 @@ impl Broker for RedisBroker {
         if let Some(sink) = self.inner.sink.lock().await.as_mut() {
             let _ = tokio::time::timeout(RESPONSE_TIMEOUT, sink.unsubscribe(&name)).await;
         }
+    }
+
+    /// One `SUBSCRIBE` per [`SUBSCRIBE_BATCH`] channels.
+    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
+        self.inner
+            .wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(names.iter().cloned());
+        let mut sink = self.inner.sink.lock().await;
+        // On failure the channels stay wanted (see `subscribe`).
+        let Some(sink) = sink.as_mut() else {
+            return Err(BrokerError("not connected to Redis".into()));
+        };
+        for batch in names.chunks(SUBSCRIBE_BATCH) {
+            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(batch))
+                .await
+                .map_err(|_| BrokerError("subscribe timed out".into()))?
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// One `UNSUBSCRIBE` per [`SUBSCRIBE_BATCH`] channels.
+    async fn unsubscribe_many(&self, channels: &[Channel]) {
+        let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
+        {
+            let mut wanted = self
+                .inner
+                .wanted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for name in &names {
+                wanted.remove(name);
+            }
+        }
+        if let Some(sink) = self.inner.sink.lock().await.as_mut() {
+            let unsubscribe = async {
+                for name in &names {
+                    sink.unsubscribe(name).await?;
+                }
+                redis::RedisResult::Ok(())
+            };
+            let _ = tokio::time::timeout(RESPONSE_TIMEOUT, unsubscribe).await;
+        }
+    }
+
+    /// Sent together on the multiplexed connection (pipelined on the wire,
+    /// in order), answered together.
+    async fn presence_batch(
+        &self,
+        updates: &[PresenceUpdate<'_>],
+    ) -> Vec<Result<usize, BrokerError>> {
+        futures_util::future::join_all(updates.iter().map(|update| self.presence(*update))).await
     }
 
     async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError> {

@@ -615,3 +615,77 @@ fn a_sharded_broker_routes_rooms_and_reassembles_positions() {
             .is_err());
     });
 }
+
+/// A batch of publishes is sequenced in its order, over two rooms, and
+/// every message reaches a node subscribed with `subscribe_many` in that
+/// order; a batch that repeats a key already published answers it with its
+/// first seq and publishes nothing for it; after `SCRIPT FLUSH` a batch
+/// still publishes (the script is loaded again), in order.
+#[test]
+fn a_batch_of_publishes_is_sequenced_in_its_order() {
+    run(async {
+        let redis = Redis::start().await;
+        let mut a = Node::start(&redis).await;
+        let (hall, yard) = (room("hall"), room("yard"));
+        let channels = [Channel::Room(hall.clone()), Channel::Room(yard.clone())];
+        within("subscribing", async {
+            while a.broker.subscribe_many(&channels).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let keys: Vec<String> = (0..6).map(|i| format!("batch{i}")).collect();
+        let request = |i: usize| PublishRequest {
+            room: if i % 2 == 0 { &hall } else { &yard },
+            body: r#""data":null"#,
+            exclude: None,
+            history: 10,
+            history_ttl: TTL,
+            new_epoch: "fresh",
+            key: &keys[i],
+        };
+        let first: Vec<PublishRequest<'_>> = (0..4).map(request).collect();
+        let seqs: Vec<u64> = within("a batch", a.broker.publish_batch(&first))
+            .await
+            .into_iter()
+            .map(|r| r.expect("published").0)
+            .collect();
+        assert_eq!(seqs, [1, 1, 2, 2]);
+
+        // Keys 2 and 3 again, with two new ones, after the scripts were flushed.
+        let _: String = redis.query(&["SCRIPT", "FLUSH"]).await;
+        let second: Vec<PublishRequest<'_>> = (2..6).map(request).collect();
+        let seqs: Vec<u64> = within(
+            "a batch after SCRIPT FLUSH",
+            a.broker.publish_batch(&second),
+        )
+        .await
+        .into_iter()
+        .map(|r| r.expect("published").0)
+        .collect();
+        assert_eq!(seqs, [2, 2, 3, 3], "the repeated keys keep their seq");
+
+        let mut heard = Vec::new();
+        within("every message", async {
+            while heard.len() < 6 {
+                if let BrokerEvent::Message { room, seq, .. } =
+                    a.events.recv().await.expect("the broker runs")
+                {
+                    heard.push((room.as_str().to_owned(), seq));
+                }
+            }
+        })
+        .await;
+        let of = |name: &str| -> Vec<u64> {
+            heard
+                .iter()
+                .filter(|(r, _)| r == name)
+                .map(|(_, s)| *s)
+                .collect()
+        };
+        assert_eq!(of("hall"), [1, 2, 3]);
+        assert_eq!(of("yard"), [1, 2, 3]);
+
+        a.broker.unsubscribe_many(&channels).await;
+    });
+}

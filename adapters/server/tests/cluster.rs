@@ -1742,3 +1742,54 @@ fn a_node_cut_off_past_its_ttl_records_its_presence_again() {
         b.assert_running();
     });
 }
+
+/// A session's publishes are pipelined (sent without waiting for their
+/// answers) yet sequenced in the order it sent them, their acks come in
+/// that order, and a frame that is not a publish, sent right after them, is
+/// answered after them all.
+#[test]
+fn pipelined_publishes_are_answered_in_order_before_the_next_frame() {
+    run(async {
+        let test = "pipelined";
+        let redis = Redis::start(test).await;
+        let mut a = Node::start(test, "a", &redis, &[]).await;
+        let mut b = Node::start(test, "b", &redis, &[]).await;
+        let mut publisher = Client::connect(&a, "pub").await;
+        let mut member = Client::connect(&b, "member").await;
+        publisher.join("room").await;
+        member.join("room").await;
+
+        const COUNT: u64 = 100;
+        for i in 0..COUNT {
+            let frame = json!({"type": "publish", "room": "room", "id": format!("p{i}"),
+                "data": {"i": i}});
+            publisher.send(frame).await;
+        }
+        publisher.send(json!({"type": "ping", "id": "after"})).await;
+        let mut answers = Vec::new();
+        within("every answer", async {
+            while answers.last() != Some(&"after".to_owned()) {
+                let frame = publisher.read().await;
+                if frame["type"] == "ack" || frame["type"] == "error" {
+                    assert_eq!(frame["type"], "ack", "{frame}");
+                    answers.push(frame["id"].as_str().expect("an id").to_owned());
+                }
+            }
+        })
+        .await;
+        let mut expected: Vec<String> = (0..COUNT).map(|i| format!("p{i}")).collect();
+        expected.push("after".into());
+        assert_eq!(answers, expected);
+
+        let messages = member.messages_through(COUNT).await;
+        assert_consecutive("member", &messages, 1);
+        let order: Vec<u64> = messages
+            .iter()
+            .map(|m| m["data"]["i"].as_u64().expect("data.i"))
+            .collect();
+        assert_eq!(order, (0..COUNT).collect::<Vec<_>>());
+        member.assert_no_more_messages().await;
+        a.assert_running();
+        b.assert_running();
+    });
+}

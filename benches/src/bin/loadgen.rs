@@ -14,8 +14,9 @@
 //! order. The publisher keeps at most W messages ahead of the slowest
 //! complete delivery (`--window`), or sends at a fixed rate (`--rate`).
 //! Reports deliveries per second, p50/p99/max latency, loss, reordering and,
-//! given the server's pid, the server's CPU time per delivery (from
-//! /proc/PID/stat). With several `--url`s (nodes of one cluster), subscribers
+//! given the server's pid (or every node's), the server's CPU time per
+//! delivery (from /proc/PID/stat), and given Redis's pid, its CPU time per
+//! published message. With several `--url`s (nodes of one cluster), subscribers
 //! are spread over them round-robin and the publisher uses the first.
 //!
 //! Idle: N connections held open, spread over source addresses 127.0.0.1 to
@@ -83,9 +84,14 @@ struct FanoutArgs {
     /// Send at this many messages per second instead of by window.
     #[arg(long)]
     rate: Option<f64>,
-    /// The server's pid, to report its CPU time per delivery.
+    /// A server's pid, to report its CPU time per delivery; repeat it for
+    /// the nodes of a cluster (each is reported, and their sum).
+    #[arg(long = "server-pid", value_name = "PID")]
+    server_pids: Vec<u32>,
+    /// The broker's (Redis's) pid, to report its CPU time per published
+    /// message.
     #[arg(long)]
-    server_pid: Option<u32>,
+    redis_pid: Option<u32>,
     /// Source addresses 127.0.0.1..=127.0.0.K to spread clients over.
     #[arg(long, default_value_t = 8)]
     source_addrs: u8,
@@ -326,7 +332,12 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
         }
     });
 
-    let cpu_before = args.server_pid.and_then(process_cpu_seconds);
+    let cpu_before: Vec<Option<f64>> = args
+        .server_pids
+        .iter()
+        .map(|pid| process_cpu_seconds(*pid))
+        .collect();
+    let redis_before = args.redis_pid.and_then(process_cpu_seconds);
     let pad = "x".repeat(args.bytes.saturating_sub(40));
     let subscribers = args.subscribers as u64;
     let send_start = Instant::now();
@@ -359,7 +370,12 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = send_start.elapsed();
-    let cpu_after = args.server_pid.and_then(process_cpu_seconds);
+    let cpu_after: Vec<Option<f64>> = args
+        .server_pids
+        .iter()
+        .map(|pid| process_cpu_seconds(*pid))
+        .collect();
+    let redis_after = args.redis_pid.and_then(process_cpu_seconds);
     let received = tally.received.load(Ordering::Relaxed);
     for receiver in receivers {
         receiver.abort();
@@ -401,11 +417,33 @@ async fn fanout(args: FanoutArgs) -> Result<(), BoxError> {
         tally.duplicates.load(Ordering::Relaxed)
     );
     println!("publisher errors {}", errors.load(Ordering::Relaxed));
-    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-        let cpu = after - before;
+    // CPU from /proc (USER_HZ ticks: 10 ms resolution, so short runs are coarse).
+    let cpus: Vec<f64> = cpu_before
+        .iter()
+        .zip(&cpu_after)
+        .filter_map(|(before, after)| Some((*after)? - (*before)?))
+        .collect();
+    if cpus.len() > 1 {
+        for (pid, cpu) in args.server_pids.iter().zip(&cpus) {
+            println!("server {pid} cpu {cpu:.2} s");
+        }
+    }
+    if !cpus.is_empty() {
+        let cpu: f64 = cpus.iter().sum();
+        // With several nodes: the sum of their CPU over every delivery.
         println!("server cpu       {cpu:.2} s");
         if received > 0 {
             println!("server cpu/delivery {:.3} us", cpu * 1e6 / received as f64);
+        }
+    }
+    if let (Some(before), Some(after)) = (redis_before, redis_after) {
+        let cpu = after - before;
+        println!("redis cpu        {cpu:.2} s");
+        if args.messages > 0 {
+            println!(
+                "redis cpu/publish {:.1} us",
+                cpu * 1e6 / args.messages as f64
+            );
         }
     }
     Ok(())

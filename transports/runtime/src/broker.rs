@@ -108,7 +108,8 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
-    /// This publish's idempotency key (random, drawn by the runtime): a
+    /// This publish's idempotency key (unique: 64 random bits drawn by
+    /// the runtime, and the publish's place in its batch): a
     /// broker that retries a publish whose answer was lost uses it to
     /// publish it at most once, and answers the retry with the first
     /// try's `seq` and `epoch`.
@@ -157,6 +158,23 @@ pub trait Broker: Send + Sync + 'static {
     /// that it may have been (members then get it as usual).
     async fn publish(&self, request: PublishRequest<'_>) -> Result<(u64, Epoch), BrokerError>;
 
+    /// Several publishes, sequenced in the order given (a room's messages
+    /// from one batch get rising `seq`s in that order), one result each, in
+    /// order. A broker that can pipeline them (one round trip) should; the
+    /// default performs them one after the other with [`Broker::publish`].
+    /// The runtime sends at most one batch at a time, so batches, too, are
+    /// sequenced in the order they were sent.
+    async fn publish_batch(
+        &self,
+        requests: &[PublishRequest<'_>],
+    ) -> Vec<Result<(u64, Epoch), BrokerError>> {
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            results.push(self.publish(*request).await);
+        }
+        results
+    }
+
     /// The room's latest seq and epoch (starting its history with `new_epoch`
     /// if it has none), and with `since` the messages after it.
     async fn room_state(
@@ -193,6 +211,27 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops receiving a channel's events.
     async fn unsubscribe(&self, channel: &Channel);
 
+    /// Starts receiving several channels' events (returns once subscribed);
+    /// an error means some may not be. A broker that can subscribe them in
+    /// one round trip should; the default subscribes them one by one.
+    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let mut result = Ok(());
+        for channel in channels {
+            if let Err(e) = self.subscribe(channel).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    /// Stops receiving several channels' events; the default unsubscribes
+    /// them one by one.
+    async fn unsubscribe_many(&self, channels: &[Channel]) {
+        for channel in channels {
+            self.unsubscribe(channel).await;
+        }
+    }
+
     /// Sends a direct frame to a user's or a session's node(s); returns how
     /// many nodes had a recipient (0: nobody anywhere).
     async fn direct(&self, to: &DirectTo, frame: &Bytes) -> Result<usize, BrokerError>;
@@ -212,6 +251,21 @@ pub trait Broker: Send + Sync + 'static {
     /// user in it; they expire `history_ttl` after its last user left the
     /// cluster (or after its last message, if later).
     async fn presence(&self, update: PresenceUpdate<'_>) -> Result<usize, BrokerError>;
+
+    /// Several presence changes, of different users or rooms, performed in
+    /// the order given, one result each, in order (each as
+    /// [`Broker::presence`], idempotent per node). A broker that can
+    /// pipeline them should; the default performs them one after the other.
+    async fn presence_batch(
+        &self,
+        updates: &[PresenceUpdate<'_>],
+    ) -> Vec<Result<usize, BrokerError>> {
+        let mut results = Vec::with_capacity(updates.len());
+        for update in updates {
+            results.push(self.presence(*update).await);
+        }
+        results
+    }
 
     /// The latest `seq` and epoch of each room (`None`: the broker has no
     /// state for it), in order, for the periodic check that catches a room

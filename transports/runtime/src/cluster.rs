@@ -5,7 +5,7 @@
 //! broker as state, not as a list of operations: the core's decisions, fed
 //! under the core's lock in the order it made them, say what each key (a
 //! channel, or a user in a room) should be, and one task brings the broker
-//! to that, one key at a time, in the order the keys changed. A key changes
+//! to that, in the order the keys changed (in batches: below). A key changes
 //! only to the opposite of what the broker was last told for it, so a key
 //! that changes back before the broker heard of it is dropped (a session
 //! that opened and closed while Redis was slow costs nothing), and at most
@@ -23,16 +23,34 @@
 //! the broker keeps every channel it was asked for and subscribes them again
 //! when it reconnects.
 //!
-//! The rest (publishes, join lookups, directs, presence lists, catching up
-//! after a reconnect) run in the task that caused them: a session's frames
-//! are answered in order.
+//! The changes are sent in batches: the task takes what waits, up to
+//! [`MEMBERSHIP_BATCH`] keys (distinct, since at most one change per key
+//! waits), and performs runs of the same kind together, in order: one
+//! `SUBSCRIBE` (or `UNSUBSCRIBE`) for a run of channels, one pipeline for a
+//! run of presence changes. A key is in at most one batch at a time, so its
+//! changes still reach the broker one after the other, in order.
+//!
+//! Publishes go through one task too ([`run_publishes`]), in the order they
+//! were handed to it: it sends what waits as one batch (one pipeline, one
+//! round trip), one batch at a time, so a room's messages from one session
+//! are sequenced in the order the session sent them. A session does not
+//! wait for its publish to come back before its next frame is read: its
+//! publishes are pipelined (up to [`SESSION_PUBLISHES`] at the broker), and
+//! only a frame other than a publish waits for them, so that it is answered
+//! after them; acks come back in order.
+//!
+//! The rest (join lookups, directs, presence lists, catching up after a
+//! reconnect) run in the task that caused them: a session's frames are
+//! answered in order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use base64::Engine as _;
-use switchboard_core::{BrokerRequest, Channel, ErrorCode, PresenceNote, RoomName, UserId};
+use switchboard_core::{
+    BrokerRequest, Channel, ErrorCode, PresenceNote, Reply, RoomName, Sid, UserId,
+};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::broker::{Broker, BrokerError, BrokerEvent, PresenceUpdate, PublishRequest};
@@ -56,6 +74,16 @@ const RESYNC_PAUSES: [Duration; 5] = [
 
 /// How often a node compares its rooms' positions with the broker's.
 const POSITION_CHECK: Duration = Duration::from_secs(5);
+
+/// Most publishes sent to the broker in one batch.
+const PUBLISH_BATCH: usize = 256;
+/// Most publishes one session may have at the broker; its next publish
+/// waits for the oldest to come back.
+pub(crate) const SESSION_PUBLISHES: usize = 64;
+/// Most membership keys changed in one batch.
+const MEMBERSHIP_BATCH: usize = 256;
+/// Most broker events fed to the core under one lock.
+const EVENTS_BATCH: usize = 64;
 
 type Waiter = oneshot::Sender<Result<(), BrokerError>>;
 
@@ -95,9 +123,8 @@ enum Slot {
     Barrier(Waiter),
 }
 
-/// The change being performed.
+/// A change being performed.
 struct InFlight {
-    key: Key,
     on: bool,
     waiters: Vec<Waiter>,
 }
@@ -175,7 +202,8 @@ struct State {
     pending: HashMap<Key, Entry>,
     /// Presence changes that failed, waiting for their next try.
     retry: HashMap<Key, Entry>,
-    in_flight: Option<InFlight>,
+    /// The changes being performed (one batch), by key.
+    in_flight: HashMap<Key, InFlight>,
     generations: u64,
     /// The Switchboard is gone: finish what is queued, then stop.
     closed: bool,
@@ -228,11 +256,11 @@ impl State {
         let base = if retried || force {
             None
         } else {
-            match &self.in_flight {
-                Some(f) if f.key == key => Some(f.on),
+            match self.in_flight.get(&key) {
+                Some(f) => Some(f.on),
                 // Changes alternate: the one before this (the opposite) was
                 // performed.
-                _ => Some(!on),
+                None => Some(!on),
             }
         };
         if base == Some(on) {
@@ -278,8 +306,8 @@ impl State {
         let Some(waiter) = waiter else {
             return;
         };
-        match &mut self.in_flight {
-            Some(f) if f.key == *key && f.on == on => f.waiters.push(waiter),
+        match self.in_flight.get_mut(key) {
+            Some(f) if f.on == on => f.waiters.push(waiter),
             _ => {
                 let _ = waiter.send(Ok(()));
             }
@@ -332,11 +360,13 @@ impl State {
                     let Some(entry) = self.pending.remove(&key) else {
                         continue;
                     };
-                    self.in_flight = Some(InFlight {
-                        key: key.clone(),
-                        on: entry.on,
-                        waiters: entry.waiters,
-                    });
+                    self.in_flight.insert(
+                        key.clone(),
+                        InFlight {
+                            on: entry.on,
+                            waiters: entry.waiters,
+                        },
+                    );
                     return Some(Job::Apply(Apply {
                         key,
                         on: entry.on,
@@ -350,8 +380,26 @@ impl State {
         None
     }
 
+    /// Up to `max` changes to perform together (of distinct keys, since at
+    /// most one change per key waits), in the order the keys changed; a
+    /// barrier ends a batch, after what came before it.
+    fn take_batch(&mut self, max: usize) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        while jobs.len() < max {
+            match self.take() {
+                Some(Job::Barrier(tx)) => {
+                    jobs.push(Job::Barrier(tx));
+                    break;
+                }
+                Some(job) => jobs.push(job),
+                None => break,
+            }
+        }
+        jobs
+    }
+
     fn finish(&mut self, done: Apply, result: Result<(), BrokerError>) {
-        if let Some(f) = self.in_flight.take() {
+        if let Some(f) = self.in_flight.remove(&done.key) {
             for waiter in f.waiters {
                 let _ = waiter.send(result.clone());
             }
@@ -460,6 +508,18 @@ pub(crate) struct Work {
     waits: Vec<oneshot::Receiver<Result<(), BrokerError>>>,
 }
 
+impl Work {
+    /// A publish (which waits for nothing): for the publish pipeline.
+    pub(crate) fn is_publish(&self) -> bool {
+        self.waits.is_empty() && matches!(self.request, BrokerRequest::Publish { .. })
+    }
+
+    /// The request (once its waits are over, or it has none).
+    pub(crate) fn into_request(self) -> BrokerRequest {
+        self.request
+    }
+}
+
 /// Turns a core request into work, handing its membership part to the
 /// membership queue now (the caller holds the core's lock).
 pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option<Work> {
@@ -528,9 +588,9 @@ pub(crate) fn prepare(queue: &MembershipQueue, request: BrokerRequest) -> Option
     }
 }
 
-/// Brings the broker to the membership the core decided, one change at a
-/// time, in the order the keys changed; tries failed presence changes again
-/// with backoff.
+/// Brings the broker to the membership the core decided, in batches (see
+/// the module notes), in the order the keys changed; tries failed presence
+/// changes again with backoff.
 pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask) {
     let queue = task.0;
     let mut backoff = RETRY_MIN;
@@ -538,7 +598,7 @@ pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask
     // pause, so that a steady trickle of other changes cannot put it off.
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        let job = {
+        let jobs = {
             let mut state = queue.lock();
             if state.retry.is_empty() {
                 retry_at = None;
@@ -551,73 +611,139 @@ pub(crate) async fn run_membership(broker: Arc<dyn Broker>, task: MembershipTask
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
             }
-            state.take()
+            state.take_batch(MEMBERSHIP_BATCH)
         };
-        match job {
-            Some(Job::Barrier(done)) => {
-                let _ = done.send(Ok(()));
+        if jobs.is_empty() {
+            if queue.lock().closed {
+                return;
             }
-            Some(Job::Apply(change)) => {
-                let result = perform_change(broker.as_ref(), &change).await;
-                match (&result, &change.key) {
-                    (Err(e), _) => {
-                        tracing::debug!(key = ?change.key, error = %e, "membership change failed");
-                    }
-                    (Ok(()), Key::Presence(room, user)) => {
-                        backoff = RETRY_MIN;
-                        if change.retried {
-                            tracing::info!(room = %room, user = %user, present = change.on,
-                                "presence recorded after a retry");
-                        }
-                    }
-                    (Ok(()), Key::Channel(_)) => {}
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
-                queue.lock().finish(change, result);
+            };
+            tokio::select! {
+                () = queue.wake.notified() => {}
+                () = retry => {}
             }
-            None => {
-                if queue.lock().closed {
-                    return;
-                }
-                let retry = async {
-                    match retry_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    () = queue.wake.notified() => {}
-                    () = retry => {}
-                }
+            continue;
+        }
+        let mut changes = Vec::with_capacity(jobs.len());
+        let mut barrier = None;
+        for job in jobs {
+            match job {
+                Job::Apply(change) => changes.push(change),
+                Job::Barrier(done) => barrier = Some(done),
             }
+        }
+        let results = perform_changes(broker.as_ref(), &changes).await;
+        let mut state = queue.lock();
+        for (change, result) in changes.into_iter().zip(results) {
+            match (&result, &change.key) {
+                (Err(e), _) => {
+                    tracing::debug!(key = ?change.key, error = %e, "membership change failed");
+                }
+                (Ok(()), Key::Presence(room, user)) => {
+                    backoff = RETRY_MIN;
+                    if change.retried {
+                        tracing::info!(room = %room, user = %user, present = change.on,
+                            "presence recorded after a retry");
+                    }
+                }
+                (Ok(()), Key::Channel(_)) => {}
+            }
+            state.finish(change, result);
+        }
+        drop(state);
+        if let Some(done) = barrier {
+            let _ = done.send(Ok(()));
         }
     }
 }
 
-async fn perform_change(broker: &dyn Broker, change: &Apply) -> Result<(), BrokerError> {
-    match &change.key {
-        Key::Channel(channel) if change.on => broker.subscribe(channel).await,
-        Key::Channel(channel) => {
-            broker.unsubscribe(channel).await;
-            Ok(())
-        }
-        Key::Presence(room, user) => {
-            let Some(note) = &change.note else {
-                return Ok(()); // presence changes always carry their note
-            };
-            broker
-                .presence(PresenceUpdate {
-                    room,
-                    user,
-                    present: change.on,
-                    subject: &note.subject,
-                    announce: note.announce,
-                    quiet: change.quiet,
-                    history_ttl: note.history_ttl,
-                })
-                .await
-                .map(|_| ())
+/// What kind of broker call a change is, for grouping a batch's changes.
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Call {
+    Subscribe,
+    Unsubscribe,
+    Presence,
+}
+
+impl Call {
+    fn of(change: &Apply) -> Self {
+        match change.key {
+            Key::Channel(_) if change.on => Self::Subscribe,
+            Key::Channel(_) => Self::Unsubscribe,
+            Key::Presence(..) => Self::Presence,
         }
     }
+}
+
+/// Performs a batch of changes (of distinct keys), in order: each run of
+/// changes of one kind in one call (one `SUBSCRIBE` for a run of channels,
+/// one pipeline for a run of presence changes). One result per change.
+async fn perform_changes(broker: &dyn Broker, changes: &[Apply]) -> Vec<Result<(), BrokerError>> {
+    let mut results = Vec::with_capacity(changes.len());
+    let mut rest = changes;
+    while let Some(first) = rest.first() {
+        let call = Call::of(first);
+        let len = rest.iter().take_while(|c| Call::of(c) == call).count();
+        let (run, after) = rest.split_at(len);
+        rest = after;
+        match call {
+            Call::Subscribe | Call::Unsubscribe => {
+                let channels: Vec<Channel> = run
+                    .iter()
+                    .filter_map(|c| match &c.key {
+                        Key::Channel(channel) => Some(channel.clone()),
+                        Key::Presence(..) => None,
+                    })
+                    .collect();
+                let result = if call == Call::Subscribe {
+                    broker.subscribe_many(&channels).await
+                } else {
+                    broker.unsubscribe_many(&channels).await;
+                    Ok(())
+                };
+                results.extend(run.iter().map(|_| result.clone()));
+            }
+            Call::Presence => {
+                let updates: Vec<PresenceUpdate<'_>> = run
+                    .iter()
+                    .filter_map(|change| {
+                        let (Key::Presence(room, user), Some(note)) = (&change.key, &change.note)
+                        else {
+                            return None;
+                        };
+                        Some(PresenceUpdate {
+                            room,
+                            user,
+                            present: change.on,
+                            subject: &note.subject,
+                            announce: note.announce,
+                            quiet: change.quiet,
+                            history_ttl: note.history_ttl,
+                        })
+                    })
+                    .collect();
+                let mut answers = broker.presence_batch(&updates).await.into_iter();
+                for change in run {
+                    results.push(if change.note.is_some() {
+                        answers
+                            .next()
+                            .unwrap_or_else(|| {
+                                Err(BrokerError("no answer for the presence change".into()))
+                            })
+                            .map(|_| ())
+                    } else {
+                        Ok(()) // presence changes always carry their note
+                    });
+                }
+            }
+        }
+    }
+    results
 }
 
 /// Performs work in order, feeding each result back to the core (which may
@@ -646,35 +772,23 @@ async fn perform(
     ready: Result<(), BrokerError>,
 ) -> Vec<Work> {
     match request {
-        BrokerRequest::Publish {
-            room,
-            body,
-            exclude,
-            history,
-            history_ttl,
-            idempotency_key,
-            reply,
-        } => {
-            let epoch = new_epoch();
-            let key = idempotency_key.unwrap_or_else(new_epoch);
-            let result = broker
-                .publish(PublishRequest {
-                    room: &room,
-                    body: &body,
-                    exclude: exclude.as_ref(),
-                    history,
-                    history_ttl,
-                    new_epoch: &epoch,
-                    key: &key,
-                })
-                .await;
-            if let Err(e) = &result {
-                tracing::warn!(room = %room, error = %e, "publish failed");
+        request @ BrokerRequest::Publish { .. } => {
+            // Through the node's publish pipeline, which answers it; this
+            // waits for that, so what follows is answered after it.
+            match shared.publishes() {
+                Some(publishes) => {
+                    let _ = publishes.submit(request).await;
+                }
+                None => {
+                    // No pipeline: not in broker mode, so nothing to publish to.
+                    if let BrokerRequest::Publish { reply, .. } = request {
+                        shared.run(|inner, now| {
+                            inner.hub.reply(now, reply, Err(ErrorCode::Unavailable));
+                        });
+                    }
+                }
             }
-            let result = result.map(|_| ()).map_err(|_| ErrorCode::Unavailable);
-            shared
-                .run_collect(|inner, now| inner.hub.reply(now, reply, result))
-                .1
+            Vec::new()
         }
         BrokerRequest::Join {
             room,
@@ -747,72 +861,277 @@ async fn perform(
     }
 }
 
-/// Feeds what the broker fans out into the core, in the broker's order.
+/// A publish handed to [`run_publishes`].
+pub(crate) struct PublishJob {
+    room: RoomName,
+    body: String,
+    exclude: Option<Sid>,
+    history: usize,
+    history_ttl: Duration,
+    /// The publisher's scoped key, else one the batch draws.
+    idempotency_key: Option<String>,
+    reply: Reply,
+    /// Told once the publish's answer was given to the core.
+    done: oneshot::Sender<()>,
+}
+
+/// The node's publish pipeline, as its users see it: publishes handed to it
+/// reach the broker in the order they were handed over.
+///
+/// Not bounded by itself: every publish in it has a session (or a caller)
+/// waiting for it, and a session has at most [`SESSION_PUBLISHES`] in it.
+pub(crate) struct Publishes(mpsc::UnboundedSender<PublishJob>);
+
+/// A publish pipeline and the receiver its task ([`run_publishes`]) reads.
+pub(crate) fn publish_pipeline() -> (Publishes, mpsc::UnboundedReceiver<PublishJob>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Publishes(tx), rx)
+}
+
+impl Publishes {
+    /// Hands a publish over; the receiver resolves once its answer (ack or
+    /// error) was given to the core. Only for a publish
+    /// ([`Work::is_publish`]): another request is refused `unavailable`.
+    pub(crate) fn submit(&self, request: BrokerRequest) -> oneshot::Receiver<()> {
+        let (done, rx) = oneshot::channel();
+        let BrokerRequest::Publish {
+            room,
+            body,
+            exclude,
+            history,
+            history_ttl,
+            idempotency_key,
+            reply,
+        } = request
+        else {
+            debug_assert!(false, "only publishes go to the publish pipeline");
+            tracing::error!("a request that is not a publish went to the publish pipeline");
+            return rx;
+        };
+        // A send fails only when the task is gone (the Switchboard is): the
+        // receiver then resolves at once.
+        let _ = self.0.send(PublishJob {
+            room,
+            body,
+            exclude,
+            history,
+            history_ttl,
+            idempotency_key,
+            reply,
+            done,
+        });
+        rx
+    }
+}
+
+/// A session's publishes still at the broker, oldest first (see the module
+/// notes): its next frame that is not a publish waits for them all, and its
+/// next publish for the oldest when it has [`SESSION_PUBLISHES`].
+#[derive(Default)]
+pub(crate) struct SessionPublishes(Mutex<VecDeque<oneshot::Receiver<()>>>);
+
+impl SessionPublishes {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<oneshot::Receiver<()>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether some are still at the broker (those answered are forgotten).
+    pub(crate) fn pending(&self) -> bool {
+        let mut queue = self.lock();
+        while let Some(front) = queue.front_mut() {
+            match front.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return true,
+                _ => {
+                    queue.pop_front();
+                }
+            }
+        }
+        false
+    }
+
+    /// Adds one just handed to the pipeline.
+    pub(crate) fn push(&self, done: oneshot::Receiver<()>) {
+        self.lock().push_back(done);
+    }
+
+    /// Waits until at most `limit` are at the broker.
+    pub(crate) async fn wait_below(&self, limit: usize) {
+        loop {
+            let oldest = {
+                let mut queue = self.lock();
+                if queue.len() <= limit {
+                    return;
+                }
+                queue.pop_front()
+            };
+            if let Some(oldest) = oldest {
+                let _ = oldest.await;
+            }
+        }
+    }
+
+    /// Waits until every one was answered.
+    pub(crate) async fn settle(&self) {
+        self.wait_below(0).await;
+    }
+}
+
+/// Whether a client frame is a `publish` (its `type`), read without the
+/// core: a frame that is not is answered only after the session's
+/// publishes still at the broker. A frame this cannot read counts as not
+/// a publish (it waits).
+pub(crate) fn is_publish(frame: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Kind<'_>>(frame).is_ok_and(|k| k.kind.as_deref() == Some("publish"))
+}
+
+/// Sends the publishes handed to the pipeline to the broker, in order: what
+/// waits goes as one batch (up to [`PUBLISH_BATCH`]), one batch at a time,
+/// and their answers go to the core in order, under one lock.
+pub(crate) async fn run_publishes(
+    shared: std::sync::Weak<Shared>,
+    broker: Arc<dyn Broker>,
+    mut jobs: mpsc::UnboundedReceiver<PublishJob>,
+) {
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    while jobs.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
+        // Two draws of randomness per batch, not per publish: one epoch for
+        // any room of the batch whose history starts now (its first publish
+        // starts it; the others find it), and 64 random bits that, with the
+        // publish's place in the batch, make the key of each publish that
+        // has none of its publisher's.
+        let epoch = new_epoch();
+        let base = new_epoch();
+        let keys: Vec<String> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, job)| {
+                job.idempotency_key
+                    .clone()
+                    .unwrap_or_else(|| format!("{base}.{i}"))
+            })
+            .collect();
+        let requests: Vec<PublishRequest<'_>> = batch
+            .iter()
+            .zip(&keys)
+            .map(|(job, key)| PublishRequest {
+                room: &job.room,
+                body: &job.body,
+                exclude: job.exclude.as_ref(),
+                history: job.history,
+                history_ttl: job.history_ttl,
+                new_epoch: &epoch,
+                key,
+            })
+            .collect();
+        let mut results = broker.publish_batch(&requests).await.into_iter();
+        drop(requests);
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut dones = Vec::with_capacity(batch.len());
+        for job in batch.drain(..) {
+            let result = results
+                .next()
+                .unwrap_or_else(|| Err(BrokerError("no answer for this publish".into())));
+            if let Err(e) = &result {
+                tracing::warn!(room = %job.room, error = %e, "publish failed");
+            }
+            answers.push((
+                job.reply,
+                result.map(|_| ()).map_err(|_| ErrorCode::Unavailable),
+            ));
+            dones.push(job.done);
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        // `run` performs what the answers produce (nothing, for an ack) in
+        // a task of its own.
+        shared.run(|inner, now| {
+            for (reply, result) in answers {
+                inner.hub.reply(now, reply, result);
+            }
+        });
+        drop(shared);
+        for done in dones {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// Feeds what the broker fans out into the core, in the broker's order:
+/// what waits (up to [`EVENTS_BATCH`] events) under one lock, so that a
+/// burst of messages reaches the sessions' queues together and each
+/// session's writer sends them in one write.
 pub(crate) async fn run_events(
     shared: std::sync::Weak<Shared>,
     mut events: mpsc::Receiver<BrokerEvent>,
 ) {
-    while let Some(event) = events.recv().await {
+    let mut batch = Vec::with_capacity(EVENTS_BATCH);
+    while events.recv_many(&mut batch, EVENTS_BATCH).await > 0 {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        match event {
-            BrokerEvent::Message {
-                room,
-                seq,
-                epoch,
-                frame,
-                exclude,
-            } => {
-                shared.run(|inner, now| {
-                    inner.hub.handle_broker_message(
+        let notes = shared.run(|inner, now| {
+            let mut notes = Vec::new();
+            for event in batch.drain(..) {
+                match event {
+                    BrokerEvent::Message {
+                        room,
+                        seq,
+                        epoch,
+                        frame,
+                        exclude,
+                    } => inner.hub.handle_broker_message(
                         now,
                         room.as_str(),
                         seq,
                         &epoch,
                         frame,
                         exclude.as_ref(),
-                    );
-                });
+                    ),
+                    BrokerEvent::Presence {
+                        room,
+                        frame,
+                        exclude,
+                    } => {
+                        inner
+                            .hub
+                            .handle_broker_presence(room.as_str(), frame, exclude.as_ref());
+                    }
+                    BrokerEvent::Direct { to, frame } => {
+                        inner.hub.handle_broker_direct(&to, frame);
+                    }
+                    BrokerEvent::Reconnected => {
+                        // Every room with members here records its presence
+                        // again and catches up (replaying what it missed,
+                        // or moving to a new epoch); the work runs in a
+                        // task of its own.
+                        notes.push((false, inner.hub.begin_resync()));
+                    }
+                    BrokerEvent::Reaped => notes.push((true, inner.hub.begin_rejoin())),
+                    // One shard of several: only its rooms.
+                    BrokerEvent::ReconnectedRooms(which) => {
+                        notes.push((false, inner.hub.begin_resync_of(&|r| which.matches(r))));
+                    }
+                    BrokerEvent::ReapedRooms(which) => {
+                        notes.push((true, inner.hub.begin_rejoin_of(&|r| which.matches(r))));
+                    }
+                }
             }
-            BrokerEvent::Presence {
-                room,
-                frame,
-                exclude,
-            } => {
-                shared.run(|inner, _| {
-                    inner
-                        .hub
-                        .handle_broker_presence(room.as_str(), frame, exclude.as_ref())
-                });
-            }
-            BrokerEvent::Direct { to, frame } => {
-                shared.run(|inner, _| inner.hub.handle_broker_direct(&to, frame));
-            }
-            BrokerEvent::Reconnected => {
-                // Every room with members here records its presence again
-                // and catches up (replaying what it missed, or moving to a
-                // new epoch); the work runs in a task of its own.
-                let rooms = shared.run(|inner, _| inner.hub.begin_resync());
-                tracing::info!(rooms, "catching up after a broker reconnect");
-            }
-            BrokerEvent::Reaped => {
-                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin());
+            notes
+        });
+        for (reaped, rooms) in notes {
+            if reaped {
                 tracing::warn!(
                     rooms,
                     "the cluster took this node for dead; recording its presence again"
                 );
-            }
-            BrokerEvent::ReconnectedRooms(which) => {
-                let rooms = shared.run(|inner, _| inner.hub.begin_resync_of(&|r| which.matches(r)));
-                tracing::info!(rooms, "catching up after a broker shard reconnect");
-            }
-            BrokerEvent::ReapedRooms(which) => {
-                let rooms = shared.run(|inner, _| inner.hub.begin_rejoin_of(&|r| which.matches(r)));
-                tracing::warn!(
-                    rooms,
-                    "a broker shard took this node for dead; recording its presence again"
-                );
+            } else {
+                tracing::info!(rooms, "catching up after a broker reconnect");
             }
         }
     }
@@ -1019,6 +1338,50 @@ mod tests {
         assert_eq!(
             quiet.get(&Key::Presence(room("r"), UserId::from("bob"))),
             Some(&false)
+        );
+    }
+
+    /// A batch takes distinct keys in the order they changed and ends at
+    /// a barrier; a key changed again while its batch is performed waits
+    /// for the next batch.
+    #[test]
+    fn a_batch_takes_keys_in_order_up_to_a_barrier() {
+        let mut state = State::default();
+        for i in 0..3 {
+            state.set(Change::channel(sid_channel(i), true), None);
+        }
+        let mut barrier = state.barrier();
+        state.set(Change::presence(&room("r"), note("ann"), true), None);
+        let jobs = state.take_batch(MEMBERSHIP_BATCH);
+        assert_eq!(jobs.len(), 4, "three changes, then the barrier");
+        let mut changes = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Apply(change) => changes.push(change),
+                Job::Barrier(tx) => {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+        }
+        assert_eq!(
+            changes.iter().map(|c| c.key.clone()).collect::<Vec<_>>(),
+            (0..3)
+                .map(|i| Key::Channel(sid_channel(i)))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(barrier.try_recv().ok(), Some(Ok(())));
+        // Changed back while under way: queued for the next batch.
+        state.set(Change::channel(sid_channel(0), false), None);
+        for change in changes {
+            state.finish(change, Ok(()));
+        }
+        let next = drain(&mut state, &Ok(()));
+        assert_eq!(
+            next,
+            [
+                (Key::Presence(room("r"), UserId::from("ann")), true),
+                (Key::Channel(sid_channel(0)), false),
+            ]
         );
     }
 

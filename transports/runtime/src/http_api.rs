@@ -240,6 +240,9 @@ where
     for frame in &frames {
         session.handle_frame(frame).await;
     }
+    // Publishes are answered after `handle_frame` returns; this answers
+    // once they all were.
+    session.settle().await;
     json(
         StatusCode::ACCEPTED,
         &serde_json::json!({"accepted": frames.len()}),

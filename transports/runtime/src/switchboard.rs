@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{AllowOrigins, Authenticator, OriginCheck, Refusal, TrustClientName};
 use crate::broker::{Broker, PublishRequest};
 use crate::clock::Clock;
-use crate::cluster::{self, MembershipQueue, Work};
+use crate::cluster::{self, MembershipQueue, Publishes, SessionPublishes, Work};
 use crate::error::{Error, Kind};
 use crate::metrics::{Metrics, WireCounters};
 use crate::outbox::{OutFrame, Outbox, Pushed};
@@ -142,8 +142,18 @@ impl Builder {
         // Not a channel: at most one change per key waits, so it is bounded
         // by the node's live state, not by client churn (see `cluster`).
         let (membership_tx, membership_rx) = cluster::membership_queue();
-        let switchboard = self.assemble(Some(Arc::clone(&broker)), Some(membership_tx))?;
+        let (publishes_tx, publishes_rx) = cluster::publish_pipeline();
+        let switchboard = self.assemble(
+            Some(Arc::clone(&broker)),
+            Some(membership_tx),
+            Some(publishes_tx),
+        )?;
         tokio::spawn(cluster::run_membership(Arc::clone(&broker), membership_rx));
+        tokio::spawn(cluster::run_publishes(
+            Arc::downgrade(&switchboard.shared),
+            Arc::clone(&broker),
+            publishes_rx,
+        ));
         tokio::spawn(cluster::run_events(
             Arc::downgrade(&switchboard.shared),
             events_rx,
@@ -170,13 +180,14 @@ impl Builder {
                 "a Switchboard with a broker starts with `start().await`".into(),
             ));
         }
-        self.assemble(None, None)
+        self.assemble(None, None, None)
     }
 
     fn assemble(
         self,
         broker: Option<Arc<dyn Broker>>,
         membership: Option<MembershipQueue>,
+        publishes: Option<Publishes>,
     ) -> Result<Switchboard, BuildError> {
         let seed = u64::from_le_bytes(random_bytes::<8>().map_err(|_| BuildError::NoRandomness)?);
         let hub = Hub::new(self.core, self.policy, seed).map_err(BuildError::Config)?;
@@ -193,6 +204,7 @@ impl Builder {
                 membership,
             }),
             broker,
+            publishes,
             clock,
             timer_wake: Arc::new(Notify::new()),
             accepting: AtomicBool::new(true),
@@ -248,6 +260,8 @@ pub(crate) struct Shared {
     // are pushed into queues; nothing awaits while holding it.
     inner: Mutex<Inner>,
     broker: Option<Arc<dyn Broker>>,
+    /// The node's publish pipeline (broker mode).
+    publishes: Option<Publishes>,
     clock: Clock,
     timer_wake: Arc<Notify>,
     accepting: AtomicBool,
@@ -367,19 +381,52 @@ impl Shared {
     }
 
     /// Applies a client frame and performs the broker work it produced
-    /// before returning, so the session's next frame comes after it.
-    async fn handle_frame(self: &Arc<Self>, key: SessionKey, sid: &Sid, frame: &[u8]) {
+    /// before returning, so the session's next frame comes after it. A
+    /// publish is the exception: it is handed to the publish pipeline, and
+    /// the next frame is read while it is at the broker (see `cluster`);
+    /// a frame other than a publish waits for the session's publishes first.
+    async fn handle_frame(
+        self: &Arc<Self>,
+        key: SessionKey,
+        sid: &Sid,
+        frame: &[u8],
+        publishes: &SessionPublishes,
+    ) {
         self.wire.add_in(frame.len());
+        if self.broker.is_some() && publishes.pending() {
+            if cluster::is_publish(frame) {
+                publishes.wait_below(cluster::SESSION_PUBLISHES - 1).await;
+            } else {
+                publishes.settle().await;
+            }
+        }
         let (result, work) = self.run_collect(|inner, now| inner.hub.handle_frame(now, key, frame));
         if let Err(e) = result {
             tracing::debug!(?sid, error = %e, "client frame refused");
         }
         if let (false, Some(broker)) = (work.is_empty(), &self.broker) {
-            // Boxed: the broker's futures are large, and every connection
-            // task would otherwise carry their space even in one-node mode.
-            Box::pin(cluster::execute(self, broker, work)).await;
+            let mut rest = Vec::new();
+            for work in work {
+                match &self.publishes {
+                    Some(pipeline) if rest.is_empty() && work.is_publish() => {
+                        publishes.push(pipeline.submit(work.into_request()));
+                    }
+                    _ => rest.push(work),
+                }
+            }
+            if !rest.is_empty() {
+                publishes.settle().await;
+                // Boxed: the broker's futures are large, and every connection
+                // task would otherwise carry their space even in one-node mode.
+                Box::pin(cluster::execute(self, broker, rest)).await;
+            }
         }
         self.complete_refreshes().await;
+    }
+
+    /// The node's publish pipeline (broker mode).
+    pub(crate) fn publishes(&self) -> Option<&Publishes> {
+        self.publishes.as_ref()
     }
 
     /// Checks the tokens of pending `refresh` frames with the authenticator
@@ -770,6 +817,7 @@ impl Switchboard {
             identity,
             outbox,
             shared: Arc::clone(&self.shared),
+            publishes: SessionPublishes::default(),
         })
     }
 }
@@ -791,6 +839,8 @@ pub struct Session {
     identity: Identity,
     outbox: Arc<Outbox>,
     shared: Arc<Shared>,
+    /// Its publishes still at the broker.
+    publishes: SessionPublishes,
 }
 
 impl std::fmt::Debug for Session {
@@ -841,9 +891,21 @@ impl Session {
     /// the outbox; nothing to do here.
     ///
     /// With a broker, returns once the broker has acted on the frame, so
-    /// the session's next frame is applied after it.
+    /// the session's next frame is applied after it; but for a `publish`,
+    /// which returns once handed to the broker (its `ack` or `error` comes
+    /// later, in order with the session's other answers: see
+    /// [`Session::settle`]).
     pub async fn handle_frame(&self, frame: &[u8]) {
-        self.shared.handle_frame(self.key, &self.sid, frame).await;
+        self.shared
+            .handle_frame(self.key, &self.sid, frame, &self.publishes)
+            .await;
+    }
+
+    /// Returns once every frame handled so far was answered (with a
+    /// broker, a `publish` is answered after [`Session::handle_frame`]
+    /// returns).
+    pub async fn settle(&self) {
+        self.publishes.settle().await;
     }
 
     /// Counts bytes the transport wrote, for metrics.
