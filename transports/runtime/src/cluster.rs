@@ -1062,6 +1062,14 @@ pub(crate) async fn run_publishes(
     }
 }
 
+/// Why rooms catch up, for the log.
+enum CatchUp {
+    Reconnect,
+    ShardReconnect,
+    Reaped,
+    ShardReaped,
+}
+
 /// Feeds what the broker fans out into the core, in the broker's order:
 /// what waits (up to [`EVENTS_BATCH`] events) under one lock, so that a
 /// burst of messages reaches the sessions' queues together and each
@@ -1110,28 +1118,38 @@ pub(crate) async fn run_events(
                         // again and catches up (replaying what it missed,
                         // or moving to a new epoch); the work runs in a
                         // task of its own.
-                        notes.push((false, inner.hub.begin_resync()));
+                        notes.push((CatchUp::Reconnect, inner.hub.begin_resync()));
                     }
-                    BrokerEvent::Reaped => notes.push((true, inner.hub.begin_rejoin())),
+                    BrokerEvent::Reaped => notes.push((CatchUp::Reaped, inner.hub.begin_rejoin())),
                     // One shard of several: only its rooms.
                     BrokerEvent::ReconnectedRooms(which) => {
-                        notes.push((false, inner.hub.begin_resync_of(&|r| which.matches(r))));
+                        let rooms = inner.hub.begin_resync_of(&|r| which.matches(r));
+                        notes.push((CatchUp::ShardReconnect, rooms));
                     }
                     BrokerEvent::ReapedRooms(which) => {
-                        notes.push((true, inner.hub.begin_rejoin_of(&|r| which.matches(r))));
+                        let rooms = inner.hub.begin_rejoin_of(&|r| which.matches(r));
+                        notes.push((CatchUp::ShardReaped, rooms));
                     }
                 }
             }
             notes
         });
-        for (reaped, rooms) in notes {
-            if reaped {
-                tracing::warn!(
+        for (why, rooms) in notes {
+            match why {
+                CatchUp::Reconnect => {
+                    tracing::info!(rooms, "catching up after a broker reconnect");
+                }
+                CatchUp::ShardReconnect => {
+                    tracing::info!(rooms, "catching up after a broker shard reconnect");
+                }
+                CatchUp::Reaped => tracing::warn!(
                     rooms,
                     "the cluster took this node for dead; recording its presence again"
-                );
-            } else {
-                tracing::info!(rooms, "catching up after a broker reconnect");
+                ),
+                CatchUp::ShardReaped => tracing::warn!(
+                    rooms,
+                    "a broker shard took this node for dead; recording its presence again"
+                ),
             }
         }
     }
