@@ -1338,7 +1338,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    /// One `SUBSCRIBE` per [`SUBSCRIBE_BATCH`] channels.
+    /// One `SUBSCRIBE` per 256 channels.
     async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
         let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
         self.inner
@@ -1360,7 +1360,7 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
-    /// One `UNSUBSCRIBE` per [`SUBSCRIBE_BATCH`] channels.
+    /// The channels one after the other, within one timeout.
     async fn unsubscribe_many(&self, channels: &[Channel]) {
         let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
         {

@@ -161,12 +161,69 @@ impl ShardedBroker {
 
     /// Users and sessions hash as rooms do, by their name.
     fn channel(&self, channel: &Channel) -> &RedisBroker {
+        &self.shards[self.shard_of_channel(channel)]
+    }
+
+    fn shard_of_channel(&self, channel: &Channel) -> usize {
         let key = match channel {
             Channel::Room(room) => room.as_str(),
             Channel::User(user) => user.as_str(),
             Channel::Sid(sid) => sid.as_str(),
         };
-        &self.shards[pick(&self.seeds, key)]
+        pick(&self.seeds, key)
+    }
+
+    /// `items` split by shard: each shard's part in the order given, with
+    /// where each item stood.
+    fn split<T: Clone>(
+        &self,
+        items: &[T],
+        shard_of: impl Fn(&T) -> usize,
+    ) -> Vec<(Vec<usize>, Vec<T>)> {
+        let mut parts: Vec<(Vec<usize>, Vec<T>)> = (0..self.shards.len())
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        for (at, item) in items.iter().enumerate() {
+            let part = &mut parts[shard_of(item)];
+            part.0.push(at);
+            part.1.push(item.clone());
+        }
+        parts
+    }
+
+    /// Runs `each` on every shard's part of `items` ([`Self::split`]), all
+    /// at once, and puts the answers (one per item) back in the order of
+    /// `items`.
+    async fn per_shard<'a, T, R, F, Fut>(
+        &'a self,
+        items: &[T],
+        shard_of: impl Fn(&T) -> usize,
+        each: F,
+    ) -> Vec<R>
+    where
+        T: Clone,
+        F: Fn(&'a RedisBroker, Vec<T>) -> Fut,
+        Fut: std::future::Future<Output = Vec<R>>,
+    {
+        let parts = self.split(items, shard_of);
+        let answers = join_all(
+            self.shards
+                .iter()
+                .zip(parts)
+                .filter(|(_, (at, _))| !at.is_empty())
+                .map(|(shard, (at, part))| {
+                    let answer = each(shard, part);
+                    async move { (at, answer.await) }
+                }),
+        )
+        .await;
+        let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+        for (at, answers) in answers {
+            for (at, answer) in at.into_iter().zip(answers) {
+                out[at] = Some(answer);
+            }
+        }
+        out.into_iter().flatten().collect()
     }
 }
 
@@ -261,6 +318,57 @@ impl Broker for ShardedBroker {
         self.room(request.room).publish(request).await
     }
 
+    /// Each shard's publishes as one pipeline of its own, the shards at
+    /// once; each room's publishes keep their order (a room is on one shard).
+    async fn publish_batch(
+        &self,
+        requests: &[PublishRequest<'_>],
+    ) -> Vec<Result<(u64, Epoch), BrokerError>> {
+        self.per_shard(
+            requests,
+            |r| self.shard_of_room(r.room.as_str()),
+            |shard, part| async move { shard.publish_batch(&part).await },
+        )
+        .await
+    }
+
+    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let parts = self.split(channels, |c| self.shard_of_channel(c));
+        let results = join_all(
+            self.shards
+                .iter()
+                .zip(&parts)
+                .filter(|(_, (at, _))| !at.is_empty())
+                .map(|(shard, (_, part))| shard.subscribe_many(part)),
+        )
+        .await;
+        results.into_iter().collect()
+    }
+
+    async fn unsubscribe_many(&self, channels: &[Channel]) {
+        let parts = self.split(channels, |c| self.shard_of_channel(c));
+        join_all(
+            self.shards
+                .iter()
+                .zip(&parts)
+                .filter(|(_, (at, _))| !at.is_empty())
+                .map(|(shard, (_, part))| shard.unsubscribe_many(part)),
+        )
+        .await;
+    }
+
+    async fn presence_batch(
+        &self,
+        updates: &[PresenceUpdate<'_>],
+    ) -> Vec<Result<usize, BrokerError>> {
+        self.per_shard(
+            updates,
+            |u| self.shard_of_room(u.room.as_str()),
+            |shard, part| async move { shard.presence_batch(&part).await },
+        )
+        .await
+    }
+
     async fn room_state(
         &self,
         room: &RoomName,
@@ -313,13 +421,7 @@ impl Broker for ShardedBroker {
         &self,
         rooms: &[RoomName],
     ) -> Result<Vec<Option<(u64, Epoch)>>, BrokerError> {
-        let mut parts: Vec<(Vec<usize>, Vec<RoomName>)> =
-            vec![Default::default(); self.shards.len()];
-        for (at, room) in rooms.iter().enumerate() {
-            let part = &mut parts[pick(&self.seeds, room.as_str())];
-            part.0.push(at);
-            part.1.push(room.clone());
-        }
+        let parts = self.split(rooms, |room| self.shard_of_room(room.as_str()));
         let answers = join_all(
             self.shards
                 .iter()
