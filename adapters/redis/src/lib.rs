@@ -793,6 +793,66 @@ impl RedisBroker {
         command
     }
 
+    /// A batch of publishes as one pipeline (see [`Broker::publish_batch`]),
+    /// tried once more with their keys when its answer was lost.
+    async fn publish_pipeline(
+        &self,
+        requests: &[PublishRequest<'_>],
+    ) -> Vec<Result<(u64, Epoch), BrokerError>> {
+        if requests.is_empty() {
+            return Vec::new();
+        }
+        let failed = |e: &BrokerError| requests.iter().map(|_| Err(e.clone())).collect();
+        let results = match self.publish_batch_once(requests).await {
+            Ok(results) => results,
+            Err((e, false)) => return failed(&e),
+            // Sent, but its answer was lost (a timeout: a blackholed or
+            // dead connection): some may have been published. The batch is
+            // tried once more, in order, on a new connection; their keys
+            // make that a no-op for those that landed, which then answer
+            // with their first try's seq.
+            Err((e, true)) => {
+                tracing::warn!(publishes = requests.len(), error = %e,
+                    "publishes' answer was lost; trying again with their keys");
+                if !self.wait_link(RESPONSE_TIMEOUT).await {
+                    return failed(&e);
+                }
+                match self.publish_batch_once(requests).await {
+                    Ok(results) => results,
+                    Err((e, _)) => return failed(&e),
+                }
+            }
+        };
+        let mut results: Vec<Result<(u64, Epoch), BrokerError>> = results
+            .into_iter()
+            .map(|r| r.map(|(seq, epoch)| (seq, Epoch::from(epoch))).map_err(err))
+            .collect();
+        results.resize_with(requests.len(), || {
+            Err(BrokerError("no answer for the publish".into()))
+        });
+        results
+    }
+
+    /// Indices of `items` in groups that can each go as one pipeline: all
+    /// of them on one Redis; on a cluster, one group per hash slot of
+    /// `key(item)` (a cluster pipeline must stay in one slot). Each group
+    /// keeps the order given.
+    fn pipeline_groups<T>(&self, items: &[T], key: impl Fn(&T) -> String) -> Vec<Vec<usize>> {
+        if !self.is_cluster() {
+            return vec![(0..items.len()).collect()];
+        }
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut by_slot: HashMap<Slot, usize> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let group = *by_slot.entry(Slot::for_key(key(item))).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(i);
+        }
+        groups
+    }
+
     /// One try of a batch of publishes, as one pipeline (one round trip;
     /// Redis runs them in order): one result per publish. `Err` when the
     /// pipeline failed as a whole, with whether it was sent and its answer
@@ -1242,42 +1302,34 @@ impl Broker for RedisBroker {
     }
 
     /// One pipeline per batch (one round trip), in order.
+    /// One pipeline on one Redis; on a cluster, one per hash slot (a
+    /// cluster pipeline must stay in one slot), all at once. Each room's
+    /// publishes keep their order: a room is in one slot.
     async fn publish_batch(
         &self,
         requests: &[PublishRequest<'_>],
     ) -> Vec<Result<(u64, Epoch), BrokerError>> {
-        if requests.is_empty() {
-            return Vec::new();
+        let groups = self.pipeline_groups(requests, |r| room_key(r.room.as_str(), "seq"));
+        if groups.len() <= 1 {
+            return self.publish_pipeline(requests).await;
         }
-        let failed = |e: &BrokerError| requests.iter().map(|_| Err(e.clone())).collect();
-        let results = match self.publish_batch_once(requests).await {
-            Ok(results) => results,
-            Err((e, false)) => return failed(&e),
-            // Sent, but its answer was lost (a timeout: a blackholed or
-            // dead connection): some may have been published. The batch is
-            // tried once more, in order, on a new connection; their keys
-            // make that a no-op for those that landed, which then answer
-            // with their first try's seq.
-            Err((e, true)) => {
-                tracing::warn!(publishes = requests.len(), error = %e,
-                    "publishes' answer was lost; trying again with their keys");
-                if !self.wait_link(RESPONSE_TIMEOUT).await {
-                    return failed(&e);
-                }
-                match self.publish_batch_once(requests).await {
-                    Ok(results) => results,
-                    Err((e, _)) => return failed(&e),
-                }
+        let answers = futures_util::future::join_all(groups.iter().map(|group| async move {
+            let part: Vec<PublishRequest<'_>> = group.iter().map(|&i| requests[i]).collect();
+            self.publish_pipeline(&part).await
+        }))
+        .await;
+        let mut out: Vec<Option<Result<(u64, Epoch), BrokerError>>> =
+            requests.iter().map(|_| None).collect();
+        for (group, answers) in groups.iter().zip(answers) {
+            for (&i, answer) in group.iter().zip(answers) {
+                out[i] = Some(answer);
             }
-        };
-        let mut results: Vec<Result<(u64, Epoch), BrokerError>> = results
-            .into_iter()
-            .map(|r| r.map(|(seq, epoch)| (seq, Epoch::from(epoch))).map_err(err))
-            .collect();
-        results.resize_with(requests.len(), || {
-            Err(BrokerError("no answer for the publish".into()))
-        });
-        results
+        }
+        out.into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| Err(BrokerError("no answer for the publish".into())))
+            })
+            .collect()
     }
 
     async fn room_state(
@@ -1506,26 +1558,43 @@ impl Broker for RedisBroker {
         &self,
         rooms: &[RoomName],
     ) -> Result<Vec<Option<(u64, Epoch)>>, BrokerError> {
-        let mut out = Vec::with_capacity(rooms.len());
-        // One round trip per batch (per master, in a cluster); two GETs per
-        // room, each in its room's slot.
-        for batch in rooms.chunks(POSITIONS_BATCH) {
-            let mut pipe = redis::pipe();
-            for room in batch {
-                pipe.cmd("GET").arg(room_key(room.as_str(), "seq"));
-                pipe.cmd("GET").arg(room_key(room.as_str(), "epoch"));
-            }
-            let values: Vec<Option<String>> = self
-                .call(|mut con, _| async move { pipe.query_async(&mut con).await })
-                .await?;
-            for pair in values.chunks(2) {
-                out.push(match pair {
-                    [seq, Some(epoch)] => Some((
-                        seq.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
-                        Epoch::from(epoch.as_str()),
-                    )),
-                    _ => None,
-                });
+        let mut out = vec![None; rooms.len()];
+        // Two GETs per room, in its slot: one round trip per batch of rooms
+        // on one Redis; on a cluster, one pipeline per slot (a handful of
+        // rooms each), a batch of them at once.
+        let groups = self.pipeline_groups(rooms, |room| room_key(room.as_str(), "seq"));
+        let pipelines: Vec<Vec<usize>> = groups
+            .into_iter()
+            .flat_map(|group| {
+                group
+                    .chunks(POSITIONS_BATCH)
+                    .map(<[usize]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for batch in pipelines.chunks(POSITIONS_BATCH) {
+            let answers = futures_util::future::join_all(batch.iter().map(|group| async move {
+                let mut pipe = redis::pipe();
+                for &i in group {
+                    pipe.cmd("GET").arg(room_key(rooms[i].as_str(), "seq"));
+                    pipe.cmd("GET").arg(room_key(rooms[i].as_str(), "epoch"));
+                }
+                let values: Result<Vec<Option<String>>, BrokerError> = self
+                    .call(|mut con, _| async move { pipe.query_async(&mut con).await })
+                    .await;
+                (group, values)
+            }))
+            .await;
+            for (group, values) in answers {
+                for (&i, pair) in group.iter().zip(values?.chunks(2)) {
+                    out[i] = match pair {
+                        [seq, Some(epoch)] => Some((
+                            seq.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0),
+                            Epoch::from(epoch.as_str()),
+                        )),
+                        _ => None,
+                    };
+                }
             }
         }
         Ok(out)

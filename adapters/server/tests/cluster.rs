@@ -1246,25 +1246,9 @@ async fn blackholed(test: &str, pubsub_only: bool) {
 /// next `seq`, and (with `kept`) the message in the room's history, as when
 /// the message was lost on its way to the nodes. Returns its seq.
 async fn lose_a_message(redis: &Redis, room: &str, kept: bool) -> u64 {
-    const LOST: &str = r#"
-local seq = redis.call('INCR', KEYS[1])
-local epoch = redis.call('GET', KEYS[2])
-if ARGV[2] == '1' then
-  local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',"epoch":"' .. epoch .. '","from":{"server":true},"data":{"lost":true},"ts":1}'
-  redis.call('XADD', KEYS[3], seq .. '-0', 'f', frame)
-end
-return seq
-"#;
-    let (seq_key, epoch_key, log_key) = (
-        format!("sb:{{{room}}}:seq"),
-        format!("sb:{{{room}}}:epoch"),
-        format!("sb:{{{room}}}:log"),
-    );
-    let kept = if kept { "1" } else { "0" };
-    let args = [LOST, "3", &seq_key, &epoch_key, &log_key, room, kept];
-    let mut command = vec!["EVAL"];
-    command.extend(args);
-    u64::try_from(redis.int(&command).await).expect("a seq")
+    let command = lost_message_command(room, kept);
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    u64::try_from(redis.int(&args).await).expect("a seq")
 }
 
 /// A message that never reached the nodes (in history, not fanned out) is

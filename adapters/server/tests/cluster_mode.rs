@@ -547,3 +547,88 @@ fn lost_subscription_connections_are_made_again_and_caught_up() {
         ann.assert_no_more_messages().await;
     });
 }
+
+/// A session sends publishes to rooms on every master without waiting for
+/// their answers, so the node's publish pipeline batches publishes of
+/// several slots together: every one is acked (a cluster pipeline must stay
+/// in one slot, so the node sends one per slot), and every member gets each
+/// room's messages once, in order.
+#[test]
+fn pipelined_publishes_to_rooms_on_every_master_are_all_taken() {
+    run(async {
+        let test = "rc-pipelined";
+        let cluster = RedisCluster::start(test).await;
+        let rooms: Vec<String> = rooms_on_every_master(&cluster, "mix", 1).await.concat();
+        let a = Node::start_cluster(test, "a", &cluster, &[]).await;
+        let b = Node::start_cluster(test, "b", &cluster, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        let mut bob = Client::connect(&b, "bob").await;
+        for room in &rooms {
+            ann.join(room).await;
+            bob.join(room).await;
+        }
+
+        const ROUNDS: u64 = 10;
+        for i in 1..=ROUNDS {
+            for room in &rooms {
+                let id = format!("{room}-{i}");
+                ann.send(json!({"type": "publish", "room": room, "id": id, "data": {"i": i}}))
+                    .await;
+            }
+        }
+        for i in 1..=ROUNDS {
+            for room in &rooms {
+                let answer = ann.answer(&format!("{room}-{i}")).await;
+                assert_eq!(answer["type"], "ack", "{answer}");
+            }
+        }
+        for room in &rooms {
+            api_publish(&a, room, json!({"fence": true})).await;
+        }
+        let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        let mut fenced = 0;
+        while fenced < rooms.len() {
+            let message = bob.next_message().await;
+            if message["data"]["fence"] == true {
+                fenced += 1;
+            }
+            let room = message["room"].as_str().expect("room").to_owned();
+            by_room.entry(room).or_default().push(message);
+        }
+        for room in &rooms {
+            let messages = &by_room[room];
+            assert_consecutive(&format!("bob in {room}"), messages, 1);
+            assert_eq!(messages.len() as u64, ROUNDS + 1, "{room}: {messages:?}");
+        }
+    });
+}
+
+/// The last message of a room is lost on its way to the nodes (in history,
+/// never fanned out) while the node has rooms on every master: the node's
+/// periodic position check (one pipeline per slot) finds the room behind
+/// and catches it up, so the member gets it.
+#[test]
+fn a_room_that_went_quiet_after_a_loss_is_caught_up_on_a_cluster() {
+    run(async {
+        let test = "rc-quiet-loss";
+        let cluster = RedisCluster::start(test).await;
+        let rooms: Vec<String> = rooms_on_every_master(&cluster, "calm", 1).await.concat();
+        let a = Node::start_cluster(test, "a", &cluster, &[]).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        for room in &rooms {
+            ann.join(room).await;
+            publish_first(&a, room, 2, &mut [&mut ann]).await;
+        }
+
+        let room = &rooms[1];
+        let command = lost_message_command(room, true);
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        let lost = cluster.on_owner(&format!("sb:{{{room}}}:seq"), &args).await;
+        assert_eq!(lost, Resp::Int(3), "the lost message's seq");
+        let message = ann.next_message().await;
+        assert_eq!(message["room"], room.as_str(), "{message}");
+        assert_eq!(seq(&message), 3, "{message}");
+        assert_eq!(message["data"]["lost"], true, "{message}");
+        ann.assert_no_more_messages().await;
+    });
+}

@@ -1374,3 +1374,29 @@ impl Pair {
 pub(crate) fn users(names: &[&str]) -> Vec<String> {
     names.iter().map(|n| (*n).to_owned()).collect()
 }
+
+/// The `EVAL` that loses a room's next message on its way to the nodes: its
+/// `seq` is taken and, when `kept`, it is written to the room's history, but
+/// it is never published. Answers the seq.
+pub(crate) fn lost_message_command(room: &str, kept: bool) -> Vec<String> {
+    const LOST: &str = r#"
+local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[2])
+if ARGV[2] == '1' then
+  local frame = '{"type":"message","room":"' .. ARGV[1] .. '","seq":' .. seq .. ',"epoch":"' .. epoch .. '","from":{"server":true},"data":{"lost":true},"ts":1}'
+  redis.call('XADD', KEYS[3], seq .. '-0', 'f', frame)
+end
+return seq
+"#;
+    [
+        "EVAL".to_owned(),
+        LOST.to_owned(),
+        "3".to_owned(),
+        format!("sb:{{{room}}}:seq"),
+        format!("sb:{{{room}}}:epoch"),
+        format!("sb:{{{room}}}:log"),
+        room.to_owned(),
+        if kept { "1" } else { "0" }.to_owned(),
+    ]
+    .into()
+}
