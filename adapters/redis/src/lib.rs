@@ -853,6 +853,29 @@ impl RedisBroker {
         groups
     }
 
+    /// Subscribes `channels` (one `SUBSCRIBE` per 256), keeping them wanted
+    /// whatever happens (see `subscribe`).
+    async fn subscribe_all(&self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
+        self.inner
+            .wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(names.iter().cloned());
+        let mut sink = self.inner.sink.lock().await;
+        // On failure the channels stay wanted (see `subscribe`).
+        let Some(sink) = sink.as_mut() else {
+            return Err(BrokerError("not connected to Redis".into()));
+        };
+        for batch in names.chunks(SUBSCRIBE_BATCH) {
+            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(batch))
+                .await
+                .map_err(|_| BrokerError("subscribe timed out".into()))?
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
     /// One try of a batch of publishes, as one pipeline (one round trip;
     /// Redis runs them in order): one result per publish. `Err` when the
     /// pipeline failed as a whole, with whether it was sent and its answer
@@ -1390,26 +1413,10 @@ impl Broker for RedisBroker {
         }
     }
 
-    /// One `SUBSCRIBE` per 256 channels.
-    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
-        let names: Vec<String> = channels.iter().map(|c| self.channel_name(c)).collect();
-        self.inner
-            .wanted
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .extend(names.iter().cloned());
-        let mut sink = self.inner.sink.lock().await;
-        // On failure the channels stay wanted (see `subscribe`).
-        let Some(sink) = sink.as_mut() else {
-            return Err(BrokerError("not connected to Redis".into()));
-        };
-        for batch in names.chunks(SUBSCRIBE_BATCH) {
-            tokio::time::timeout(RESPONSE_TIMEOUT, sink.subscribe(batch))
-                .await
-                .map_err(|_| BrokerError("subscribe timed out".into()))?
-                .map_err(err)?;
-        }
-        Ok(())
+    /// One `SUBSCRIBE` per 256 channels; one result, for all of them.
+    async fn subscribe_many(&self, channels: &[Channel]) -> Vec<Result<(), BrokerError>> {
+        let result = self.subscribe_all(channels).await;
+        channels.iter().map(|_| result.clone()).collect()
     }
 
     /// The channels one after the other, within one timeout.

@@ -199,11 +199,11 @@ impl ShardedBroker {
         items: &[T],
         shard_of: impl Fn(&T) -> usize,
         each: F,
-    ) -> Vec<R>
+    ) -> Vec<Result<R, BrokerError>>
     where
         T: Clone,
         F: Fn(&'a RedisBroker, Vec<T>) -> Fut,
-        Fut: std::future::Future<Output = Vec<R>>,
+        Fut: std::future::Future<Output = Vec<Result<R, BrokerError>>>,
     {
         let parts = self.split(items, shard_of);
         let answers = join_all(
@@ -217,13 +217,19 @@ impl ShardedBroker {
                 }),
         )
         .await;
-        let mut out: Vec<Option<R>> = (0..items.len()).map(|_| None).collect();
+        let mut out: Vec<Option<Result<R, BrokerError>>> = (0..items.len()).map(|_| None).collect();
         for (at, answers) in answers {
             for (at, answer) in at.into_iter().zip(answers) {
                 out[at] = Some(answer);
             }
         }
-        out.into_iter().flatten().collect()
+        // A shard that answered for fewer items than it was given: the
+        // rest failed (never someone else's answer in their place).
+        out.into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| Err(BrokerError("a shard gave no answer".into())))
+            })
+            .collect()
     }
 }
 
@@ -332,17 +338,15 @@ impl Broker for ShardedBroker {
         .await
     }
 
-    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
-        let parts = self.split(channels, |c| self.shard_of_channel(c));
-        let results = join_all(
-            self.shards
-                .iter()
-                .zip(&parts)
-                .filter(|(_, (at, _))| !at.is_empty())
-                .map(|(shard, (_, part))| shard.subscribe_many(part)),
+    /// Each shard's channels at once; a shard that fails fails only its
+    /// channels.
+    async fn subscribe_many(&self, channels: &[Channel]) -> Vec<Result<(), BrokerError>> {
+        self.per_shard(
+            channels,
+            |c| self.shard_of_channel(c),
+            |shard, part| async move { shard.subscribe_many(&part).await },
         )
-        .await;
-        results.into_iter().collect()
+        .await
     }
 
     async fn unsubscribe_many(&self, channels: &[Channel]) {

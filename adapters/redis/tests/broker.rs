@@ -610,6 +610,39 @@ fn a_sharded_broker_routes_rooms_and_reassembles_positions() {
             let result = within("a publish", sharded.publish(request)).await;
             assert_eq!(result.is_ok(), works, "{name}: {result:?}");
         }
+        // In one batch too: each shard's part is answered on its own.
+        let keys = ["batch-live", "batch-dead"];
+        let batch: Vec<PublishRequest<'_>> = [live[0], dead[0]]
+            .iter()
+            .zip(keys)
+            .map(|(name, key)| PublishRequest {
+                room: name,
+                body: r#""data":null"#,
+                exclude: None,
+                history: 10,
+                history_ttl: TTL,
+                new_epoch: "e",
+                key,
+            })
+            .collect();
+        let results = within("a batch", sharded.publish_batch(&batch)).await;
+        assert!(results[0].is_ok() && results[1].is_err(), "{results:?}");
+        // And subscriptions: a dead shard fails only its own channels.
+        let channels = [
+            Channel::Room(live[0].clone()),
+            Channel::Room(dead[0].clone()),
+        ];
+        within("the dead shard's subscription to fail", async {
+            loop {
+                let results = sharded.subscribe_many(&channels).await;
+                assert!(results[0].is_ok(), "{results:?}");
+                if results[1].is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
         assert!(within("positions", sharded.positions(&asked))
             .await
             .is_err());
@@ -629,7 +662,13 @@ fn a_batch_of_publishes_is_sequenced_in_its_order() {
         let (hall, yard) = (room("hall"), room("yard"));
         let channels = [Channel::Room(hall.clone()), Channel::Room(yard.clone())];
         within("subscribing", async {
-            while a.broker.subscribe_many(&channels).await.is_err() {
+            while a
+                .broker
+                .subscribe_many(&channels)
+                .await
+                .iter()
+                .any(Result::is_err)
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })

@@ -211,17 +211,16 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops receiving a channel's events.
     async fn unsubscribe(&self, channel: &Channel);
 
-    /// Starts receiving several channels' events (returns once subscribed);
-    /// an error means some may not be. A broker that can subscribe them in
-    /// one round trip should; the default subscribes them one by one.
-    async fn subscribe_many(&self, channels: &[Channel]) -> Result<(), BrokerError> {
-        let mut result = Ok(());
+    /// Starts receiving several channels' events (returns once subscribed),
+    /// with one result per channel, in order: a broker over several Redis
+    /// may subscribe some and not others. A broker that can subscribe them
+    /// in one round trip should; the default subscribes them one by one.
+    async fn subscribe_many(&self, channels: &[Channel]) -> Vec<Result<(), BrokerError>> {
+        let mut results = Vec::with_capacity(channels.len());
         for channel in channels {
-            if let Err(e) = self.subscribe(channel).await {
-                result = Err(e);
-            }
+            results.push(self.subscribe(channel).await);
         }
-        result
+        results
     }
 
     /// Stops receiving several channels' events; the default unsubscribes

@@ -700,13 +700,17 @@ async fn perform_changes(broker: &dyn Broker, changes: &[Apply]) -> Vec<Result<(
                         Key::Presence(..) => None,
                     })
                     .collect();
-                let result = if call == Call::Subscribe {
-                    broker.subscribe_many(&channels).await
+                if call == Call::Subscribe {
+                    let mut answers = broker.subscribe_many(&channels).await.into_iter();
+                    results.extend(run.iter().map(|_| {
+                        answers.next().unwrap_or_else(|| {
+                            Err(BrokerError("no answer for the subscription".into()))
+                        })
+                    }));
                 } else {
                     broker.unsubscribe_many(&channels).await;
-                    Ok(())
-                };
-                results.extend(run.iter().map(|_| result.clone()));
+                    results.extend(run.iter().map(|_| Ok(())));
+                }
             }
             Call::Presence => {
                 let updates: Vec<PresenceUpdate<'_>> = run
