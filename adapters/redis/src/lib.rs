@@ -914,6 +914,18 @@ impl RedisBroker {
                     results.extend(again);
                 }
             }
+            // READONLY: the Redis was demoted (a failover) and ran none of
+            // them. As an error of the whole batch, it drops the connection
+            // (the next one finds the new master) and the batch is sent
+            // again, with its keys.
+            let readonly = results.iter().position(|r| {
+                r.as_ref().is_err_and(|e| {
+                    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                })
+            });
+            if let Some(at) = readonly {
+                results.swap_remove(at)?;
+            }
             Ok(results)
         })
         .await

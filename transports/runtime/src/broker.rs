@@ -108,11 +108,12 @@ pub struct PublishRequest<'a> {
     pub history_ttl: Duration,
     /// An epoch for the room if its history starts now (drawn by the runtime).
     pub new_epoch: &'a str,
-    /// This publish's idempotency key (unique: 64 random bits drawn by
-    /// the runtime, and the publish's place in its batch): a
-    /// broker that retries a publish whose answer was lost uses it to
-    /// publish it at most once, and answers the retry with the first
-    /// try's `seq` and `epoch`.
+    /// This publish's idempotency key: the publisher's own
+    /// (`idempotency_key`, scoped to it by the core), else one the runtime
+    /// draws (64 random bits and the publish's place in its batch). The
+    /// broker publishes at most once per key (a retry of the node's, or of
+    /// the client's through any node) and answers a repeat with the first
+    /// one's `seq` and `epoch`.
     pub key: &'a str,
 }
 
