@@ -72,6 +72,9 @@ const RESYNC_PAUSES: [Duration; 5] = [
     Duration::from_millis(1600),
 ];
 
+/// Rooms that catch up at once, at most (see [`execute`]).
+const RESYNC_CONCURRENCY: usize = 32;
+
 /// How often a node compares its rooms' positions with the broker's.
 const POSITION_CHECK: Duration = Duration::from_secs(5);
 
@@ -514,6 +517,11 @@ impl Work {
         self.waits.is_empty() && matches!(self.request, BrokerRequest::Publish { .. })
     }
 
+    /// A room's catch-up, which may run beside other rooms' ones.
+    fn is_resync(&self) -> bool {
+        matches!(self.request, BrokerRequest::Resync(_))
+    }
+
     /// The request (once its waits are over, or it has none).
     pub(crate) fn into_request(self) -> BrokerRequest {
         self.request
@@ -754,19 +762,50 @@ async fn perform_changes(broker: &dyn Broker, changes: &[Apply]) -> Vec<Result<(
 /// produce more work, done in turn).
 pub(crate) async fn execute(shared: &Arc<Shared>, broker: &Arc<dyn Broker>, work: Vec<Work>) {
     let mut queue: VecDeque<Work> = work.into();
-    while let Some(Work { request, waits }) = queue.pop_front() {
-        let mut ready = Ok(());
-        for wait in waits {
-            let outcome = wait
-                .await
-                .unwrap_or_else(|_| Err(BrokerError("broker stopped".into())));
-            if ready.is_ok() {
-                ready = outcome;
+    while let Some(work) = queue.pop_front() {
+        if work.is_resync() {
+            // The catch-ups of a run (every room after a reconnect) go at
+            // once: each may wait seconds for the broker (RESYNC_PAUSES),
+            // and one room's must not hold up the others'.
+            let mut run = vec![work];
+            while queue.front().is_some_and(Work::is_resync) {
+                run.extend(queue.pop_front());
             }
+            let mut tasks = tokio::task::JoinSet::new();
+            for work in run {
+                while tasks.len() >= RESYNC_CONCURRENCY {
+                    if let Some(Ok(more)) = tasks.join_next().await {
+                        queue.extend(more);
+                    }
+                }
+                let (shared, broker) = (Arc::clone(shared), Arc::clone(broker));
+                tasks.spawn(async move { perform_work(&shared, broker.as_ref(), work).await });
+            }
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(more) = done {
+                    queue.extend(more);
+                }
+            }
+            continue;
         }
-        let more = perform(shared, broker.as_ref(), request, ready).await;
-        queue.extend(more);
+        queue.extend(perform_work(shared, broker.as_ref(), work).await);
     }
+}
+
+/// Waits for what `work` waits on, then performs it; returns the work it
+/// led to.
+async fn perform_work(shared: &Arc<Shared>, broker: &dyn Broker, work: Work) -> Vec<Work> {
+    let Work { request, waits } = work;
+    let mut ready = Ok(());
+    for wait in waits {
+        let outcome = wait
+            .await
+            .unwrap_or_else(|_| Err(BrokerError("broker stopped".into())));
+        if ready.is_ok() {
+            ready = outcome;
+        }
+    }
+    perform(shared, broker, request, ready).await
 }
 
 async fn perform(
