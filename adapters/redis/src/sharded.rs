@@ -324,6 +324,15 @@ impl Broker for ShardedBroker {
         self.room(request.room).publish(request).await
     }
 
+    /// One per Redis: a slow one holds up only its own rooms' publishes.
+    fn publish_lanes(&self) -> usize {
+        self.shards.len()
+    }
+
+    fn publish_lane(&self, room: &RoomName) -> usize {
+        self.shard_of_room(room.as_str())
+    }
+
     /// Each shard's publishes as one pipeline of its own, the shards at
     /// once; each room's publishes keep their order (a room is on one shard).
     async fn publish_batch(

@@ -18,9 +18,15 @@ use support::*;
 
 /// Which of `redis` holds `key`, as the nodes must compute it.
 fn expected_shard(redis: &[&Redis], key: &str) -> usize {
-    let scores: Vec<u64> = redis
+    let urls: Vec<String> = redis.iter().map(|r| r.url()).collect();
+    shard_of(&urls, key)
+}
+
+/// Which of the Redis at `urls` holds `key`.
+fn shard_of(urls: &[String], key: &str) -> usize {
+    let scores: Vec<u64> = urls
         .iter()
-        .map(|r| score(&shard_id(&r.url()).expect("a Redis URL"), key))
+        .map(|url| score(&shard_id(url).expect("a Redis URL"), key))
         .collect();
     let best = scores.iter().max().expect("a shard");
     scores.iter().position(|s| s == best).expect("the best")
@@ -472,5 +478,50 @@ fn a_killed_node_leaves_presence_on_every_redis() {
             assert_presence(&event, "leave", "bob", 1, "ann");
             assert_eq!(ann.presence_list(room).await, users(&["ann"]));
         }
+    });
+}
+
+/// One of the two Redis goes silent (its proxy blackholes every open
+/// connection; nothing is closed). A session publishes to a room on it,
+/// then to a room on the other: the second is acked first, since each
+/// Redis has a publish pipeline of its own, so a silent Redis holds up
+/// only its own rooms. (With one pipeline for both, the second waited for
+/// the first's timeout.) The first is answered too, once the node noticed
+/// and sent it again on a new connection.
+#[test]
+fn a_silent_redis_holds_up_only_its_own_rooms_publishes() {
+    run(async {
+        let test = "shard-silent";
+        let quick = Redis::start(test).await;
+        let silent = Redis::start(test).await;
+        let proxy = Proxy::start(silent.port).await;
+        let urls = [quick.url(), proxy.url()];
+        let on = |shard: usize| {
+            (0..)
+                .map(|i| format!("room{i}"))
+                .find(|room| shard_of(&urls, room) == shard)
+                .expect("a room")
+        };
+        let (fast_room, slow_room) = (on(0), on(1));
+        let a = node(test, "a", &urls).await;
+        let mut ann = Client::connect(&a, "ann").await;
+        join_when_available(&mut ann, &fast_room).await;
+        join_when_available(&mut ann, &slow_room).await;
+
+        proxy.blackhole(false);
+        ann.send(json!({"type": "publish", "room": slow_room, "id": "slow", "data": 1}))
+            .await;
+        ann.send(json!({"type": "publish", "room": fast_room, "id": "fast", "data": 2}))
+            .await;
+        let first = ann
+            .wait_for("an answer", |f| f["id"] == "slow" || f["id"] == "fast")
+            .await;
+        assert_eq!(first["id"], "fast", "{first}");
+        assert_eq!(first["type"], "ack", "{first}");
+        let slow = ann.answer("slow").await;
+        assert!(
+            slow["type"] == "ack" || slow["code"] == "unavailable",
+            "{slow}"
+        );
     });
 }

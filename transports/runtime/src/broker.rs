@@ -206,6 +206,21 @@ pub trait Broker: Send + Sync + 'static {
         history_ttl: Duration,
     ) -> Result<RoomState, BrokerError>;
 
+    /// How many publish pipelines the node runs for this broker: publishes
+    /// of different lanes do not wait for one another. A broker over
+    /// several independent servers gives one lane per server, so a slow
+    /// one holds up only its own rooms. Default 1.
+    fn publish_lanes(&self) -> usize {
+        1
+    }
+
+    /// The lane (below [`Broker::publish_lanes`]) of `room`'s publishes:
+    /// always the same for a room, whose publishes stay in order.
+    fn publish_lane(&self, room: &RoomName) -> usize {
+        let _ = room;
+        0
+    }
+
     /// Starts receiving a channel's events (returns once subscribed).
     async fn subscribe(&self, channel: &Channel) -> Result<(), BrokerError>;
 

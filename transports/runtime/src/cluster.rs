@@ -923,12 +923,28 @@ pub(crate) struct PublishJob {
 ///
 /// Not bounded by itself: every publish in it has a session (or a caller)
 /// waiting for it, and a session has at most [`SESSION_PUBLISHES`] in it.
-pub(crate) struct Publishes(mpsc::UnboundedSender<PublishJob>);
+///
+/// One pipeline per lane of the broker ([`Broker::publish_lanes`]: one per
+/// Redis when rooms are sharded over several), so a Redis that is slow to
+/// answer holds up only its own rooms' publishes.
+pub(crate) struct Publishes {
+    lanes: Vec<mpsc::UnboundedSender<PublishJob>>,
+    broker: Arc<dyn Broker>,
+}
 
-/// A publish pipeline and the receiver its task ([`run_publishes`]) reads.
-pub(crate) fn publish_pipeline() -> (Publishes, mpsc::UnboundedReceiver<PublishJob>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Publishes(tx), rx)
+/// The publish pipelines of `broker`'s lanes, and the receiver each task
+/// ([`run_publishes`]) reads.
+pub(crate) fn publish_pipeline(
+    broker: &Arc<dyn Broker>,
+) -> (Publishes, Vec<mpsc::UnboundedReceiver<PublishJob>>) {
+    let (lanes, receivers) = (0..broker.publish_lanes().max(1))
+        .map(|_| mpsc::unbounded_channel())
+        .unzip();
+    let publishes = Publishes {
+        lanes,
+        broker: Arc::clone(broker),
+    };
+    (publishes, receivers)
 }
 
 impl Publishes {
@@ -953,7 +969,8 @@ impl Publishes {
         };
         // A send fails only when the task is gone (the Switchboard is): the
         // receiver then resolves at once.
-        let _ = self.0.send(PublishJob {
+        let lane = self.broker.publish_lane(&room) % self.lanes.len();
+        let _ = self.lanes[lane].send(PublishJob {
             room,
             body,
             exclude,

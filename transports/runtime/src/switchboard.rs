@@ -142,18 +142,20 @@ impl Builder {
         // Not a channel: at most one change per key waits, so it is bounded
         // by the node's live state, not by client churn (see `cluster`).
         let (membership_tx, membership_rx) = cluster::membership_queue();
-        let (publishes_tx, publishes_rx) = cluster::publish_pipeline();
+        let (publishes_tx, publishes_rxs) = cluster::publish_pipeline(&broker);
         let switchboard = self.assemble(
             Some(Arc::clone(&broker)),
             Some(membership_tx),
             Some(publishes_tx),
         )?;
         tokio::spawn(cluster::run_membership(Arc::clone(&broker), membership_rx));
-        tokio::spawn(cluster::run_publishes(
-            Arc::downgrade(&switchboard.shared),
-            Arc::clone(&broker),
-            publishes_rx,
-        ));
+        for publishes_rx in publishes_rxs {
+            tokio::spawn(cluster::run_publishes(
+                Arc::downgrade(&switchboard.shared),
+                Arc::clone(&broker),
+                publishes_rx,
+            ));
+        }
         tokio::spawn(cluster::run_events(
             Arc::downgrade(&switchboard.shared),
             events_rx,
