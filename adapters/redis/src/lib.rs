@@ -853,6 +853,25 @@ impl RedisBroker {
         groups
     }
 
+    /// The subscription connection's sink, locked once it is there: the
+    /// pub/sub loop may be making it again (Redis just came back, the
+    /// command connection first). Waits up to [`RESPONSE_TIMEOUT`] for it,
+    /// so a join in that moment waits instead of failing `unavailable`.
+    async fn ready_sink(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Sink>>, BrokerError> {
+        let until = tokio::time::Instant::now() + RESPONSE_TIMEOUT;
+        loop {
+            let sink = self.inner.sink.lock().await;
+            if sink.is_some() {
+                return Ok(sink);
+            }
+            drop(sink);
+            if tokio::time::Instant::now() >= until {
+                return Err(BrokerError("not connected to Redis".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Subscribes `channels` (one `SUBSCRIBE` per 256), keeping them wanted
     /// whatever happens (see `subscribe`).
     async fn subscribe_all(&self, channels: &[Channel]) -> Result<(), BrokerError> {
@@ -862,7 +881,7 @@ impl RedisBroker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .extend(names.iter().cloned());
-        let mut sink = self.inner.sink.lock().await;
+        let mut sink = self.ready_sink().await?;
         // On failure the channels stay wanted (see `subscribe`).
         let Some(sink) = sink.as_mut() else {
             return Err(BrokerError("not connected to Redis".into()));
@@ -1396,7 +1415,7 @@ impl Broker for RedisBroker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name.clone());
-        let mut sink = self.inner.sink.lock().await;
+        let mut sink = self.ready_sink().await?;
         // On failure the channel stays wanted, so the pub/sub loop subscribes
         // it when it reconnects: a session opened while Redis was away must
         // become reachable (`direct`) once it is back, and a room another

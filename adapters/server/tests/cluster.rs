@@ -1052,7 +1052,16 @@ fn a_refused_join_does_not_remove_presence_another_node_recorded() {
             }
         })
         .await;
-        assert_eq!(bob.presence_list("hall").await, users(&["ann", "bob"]));
+        // Node b may still be reconnecting: wait for it to hear the room
+        // again (presence events are not replayed to a node that missed them).
+        redis
+            .wait_until(
+                "node b to subscribe to hall again",
+                || async { redis.subscribers("sb:r:hall").await },
+                |n| *n >= 1,
+            )
+            .await;
+        bob.wait_for_members("hall", &["ann", "bob"]).await;
         // The next presence event bob sees is dee's join: no leave of ann.
         let mut dee = Client::connect(&a, "dee").await;
         assert_eq!(dee.join("hall").await["members"], 3);
