@@ -16,7 +16,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::ErrorCode;
-use crate::idempotency::MAX_IDEMPOTENCY_KEY_BYTES;
+use crate::idempotency::is_valid_idempotency_key;
 use crate::ids::{RoomName, RoomNameError};
 
 /// Maximum length in bytes of a frame `id` string.
@@ -421,16 +421,12 @@ fn event_field(raw: Option<&RawValue>) -> Result<Option<Cow<'_, str>>, DecodeErr
     Ok(event)
 }
 
-/// A publish's `idempotency_key`: a non-empty string of at most
-/// [`MAX_IDEMPOTENCY_KEY_BYTES`].
+/// A publish's `idempotency_key` ([`is_valid_idempotency_key`]).
 fn idempotency_key_field(
     raw: Option<&RawValue>,
 ) -> Result<Option<Cow<'_, str>>, DecodeError<'static>> {
     let key = opt_field(raw, "idempotency_key", "a string")?.map(|Str(k)| k);
-    if key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
-    {
+    if key.as_ref().is_some_and(|k| !is_valid_idempotency_key(k)) {
         return Err(DecodeError::new(
             ErrorCode::InvalidFrame,
             "field `idempotency_key` must be 1 to 64 bytes",

@@ -18,6 +18,13 @@ use crate::HashState;
 /// Maximum length in bytes of an `idempotency_key`.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 64;
 
+/// Whether `key` may be an `idempotency_key`: 1 to
+/// [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes (the frame's and the HTTP API's rule).
+#[must_use]
+pub fn is_valid_idempotency_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_IDEMPOTENCY_KEY_BYTES
+}
+
 /// How long a publish's key is remembered.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(60);
 

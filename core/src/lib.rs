@@ -86,7 +86,9 @@ pub use error::{
     ConfigError, ConnectError, DirectError, ErrorCode, FrameError, HandleError, PublishError,
 };
 pub use hub::{Hub, Published, RoomInfo, Stats};
-pub use idempotency::{scoped_key, Publisher, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY_BYTES};
+pub use idempotency::{
+    is_valid_idempotency_key, scoped_key, Publisher, IDEMPOTENCY_WINDOW, MAX_IDEMPOTENCY_KEY_BYTES,
+};
 pub use ids::{
     Epoch, RoomId, RoomName, RoomNameError, SessionKey, Sid, UserId, MAX_ROOM_NAME_BYTES,
 };

@@ -99,6 +99,12 @@ fn room_key(room: &str, what: &str) -> String {
     format!("sb:{{{room}}}:{what}")
 }
 
+/// The keys of a room's state, in the order the PUBLISH and ROOM_STATE
+/// scripts name them first (`KEYS[1..5]`): seq, epoch, log, users, run.
+fn state_keys(room: &str) -> [String; 5] {
+    ["seq", "epoch", "log", "users", "run"].map(|what| room_key(room, what))
+}
+
 // Room keys, all in the room's hash slot: `seq`, `epoch`, `log` (the capped
 // stream of its history), `users` (user → how many nodes have them there),
 // `node:<id>` (user → 1, the users node `<id>` has there), `reaped:<id>`
@@ -774,11 +780,7 @@ impl RedisBroker {
         command
             .arg(hash)
             .arg(6)
-            .arg(room_key(room, "seq"))
-            .arg(room_key(room, "epoch"))
-            .arg(room_key(room, "log"))
-            .arg(room_key(room, "users"))
-            .arg(room_key(room, "run"))
+            .arg(&state_keys(room)[..])
             .arg(room_key(room, &format!("pub:{}", request.key)))
             .arg(room)
             .arg(request.body)
@@ -1080,11 +1082,7 @@ impl RedisBroker {
             .call(|mut con, run_id| async move {
                 self.inner
                     .room_state
-                    .key(room_key(name, "seq"))
-                    .key(room_key(name, "epoch"))
-                    .key(room_key(name, "log"))
-                    .key(room_key(name, "users"))
-                    .key(room_key(name, "run"))
+                    .key(&state_keys(name)[..])
                     .arg(since_seq)
                     .arg(since.map_or("", |(_, epoch)| epoch))
                     .arg(new_epoch)

@@ -1674,6 +1674,14 @@ fn a_publish_retried_through_another_node_after_a_node_died_is_not_duplicated() 
         let answer = ann.request(publish("retry")).await;
         assert_eq!(answer["type"], "ack", "{answer}");
 
+        // A key that is not a 1-64 byte string is refused, and nothing is
+        // published (the fence below comes right after the one API message).
+        for bad in [json!(""), json!("k".repeat(65)), json!(9)] {
+            let body = json!({"room": "room", "data": {"bad": true}, "idempotency_key": bad});
+            let (status, answer) = http_post(b.port, "/api/publish", &body).await;
+            assert_eq!(status, 400, "{answer}");
+            assert_eq!(answer["error"]["code"], "invalid_frame", "{answer}");
+        }
         let api_once = json!({"room": "room", "data": {"api": true}, "idempotency_key": "job-9"});
         let (status, first) = http_post(b.port, "/api/publish", &api_once).await;
         assert_eq!(status, 200, "{first}");

@@ -128,21 +128,7 @@ async fn fan_out_over_every_master(test: &str, cluster: RedisCluster) {
             .collect();
         let mut seen: Vec<BTreeMap<String, Vec<Value>>> = Vec::new();
         for client in [&mut ann, &mut bob] {
-            let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-            let mut fenced = BTreeSet::new();
-            while fenced.len() < rooms.len() {
-                let message = client.next_message().await;
-                let room = message["room"].as_str().expect("room").to_owned();
-                assert!(
-                    !fenced.contains(&room),
-                    "{}: after the fence: {message}",
-                    client.user
-                );
-                if message["data"]["fence"] == true {
-                    fenced.insert(room.clone());
-                }
-                by_room.entry(room).or_default().push(message);
-            }
+            let by_room = client.messages_until_fences(rooms.len()).await;
             for room in &rooms {
                 let messages = &by_room[room];
                 let who = format!("{} in {room}", client.user);
@@ -529,16 +515,7 @@ fn lost_subscription_connections_are_made_again_and_caught_up() {
             .await;
             api_publish(&b, room, json!({"fence": true})).await;
         }
-        let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        let mut fenced = 0;
-        while fenced < rooms.len() {
-            let message = ann.next_message().await;
-            if message["data"]["fence"] == true {
-                fenced += 1;
-            }
-            let room = message["room"].as_str().expect("room").to_owned();
-            by_room.entry(room).or_default().push(message);
-        }
+        let by_room = ann.messages_until_fences(rooms.len()).await;
         for room in &rooms {
             let messages = &by_room[room];
             assert_consecutive(&format!("ann in {room}"), messages, 3);
@@ -585,16 +562,7 @@ fn pipelined_publishes_to_rooms_on_every_master_are_all_taken() {
         for room in &rooms {
             api_publish(&a, room, json!({"fence": true})).await;
         }
-        let mut by_room: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        let mut fenced = 0;
-        while fenced < rooms.len() {
-            let message = bob.next_message().await;
-            if message["data"]["fence"] == true {
-                fenced += 1;
-            }
-            let room = message["room"].as_str().expect("room").to_owned();
-            by_room.entry(room).or_default().push(message);
-        }
+        let by_room = bob.messages_until_fences(rooms.len()).await;
         for room in &rooms {
             let messages = &by_room[room];
             assert_consecutive(&format!("bob in {room}"), messages, 1);

@@ -9,7 +9,7 @@ use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use switchboard_core::{ErrorCode, MAX_IDEMPOTENCY_KEY_BYTES};
+use switchboard_core::{is_valid_idempotency_key, ErrorCode};
 
 use crate::{Session, Switchboard};
 
@@ -116,7 +116,7 @@ async fn publish(switchboard: &Switchboard, body: &[u8]) -> Response<Bytes> {
     if parsed
         .idempotency_key
         .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+        .is_some_and(|k| !is_valid_idempotency_key(k))
     {
         return error(
             StatusCode::BAD_REQUEST,

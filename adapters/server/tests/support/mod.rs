@@ -1115,6 +1115,31 @@ impl Client {
         self.wait_for("a message", |f| f["type"] == "message").await
     }
 
+    /// The next `message` frames, by room, until `rooms` rooms have had
+    /// their fence (`data.fence: true`, kept as each room's last); a message
+    /// of a room after its fence fails the test.
+    pub(crate) async fn messages_until_fences(
+        &mut self,
+        rooms: usize,
+    ) -> std::collections::BTreeMap<String, Vec<Value>> {
+        let mut by_room: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        let mut fenced = BTreeSet::new();
+        while fenced.len() < rooms {
+            let message = self.next_message().await;
+            let room = message["room"].as_str().expect("room").to_owned();
+            assert!(
+                !fenced.contains(&room),
+                "{}: after the fence: {message}",
+                self.user
+            );
+            if message["data"]["fence"] == true {
+                fenced.insert(room.clone());
+            }
+            by_room.entry(room).or_default().push(message);
+        }
+        by_room
+    }
+
     /// The `message` frames up to and including the first whose data has
     /// `"fence": true`; all must be of `room`.
     pub(crate) async fn messages_until_fence(&mut self, room: &str) -> Vec<Value> {
@@ -1182,26 +1207,10 @@ impl Client {
     }
 
     pub(crate) async fn presence_list(&mut self, room: &str) -> Vec<String> {
-        let id = format!("who-{room}");
-        self.send(json!({"type": "presence", "room": room, "id": id}))
-            .await;
-        let list = self
-            .wait_for("a presence list", |f| {
-                (f["type"] == "presence" && f["action"] == "list" && f["room"] == room)
-                    || (f["type"] == "error" && f["id"] == id)
-            })
-            .await;
-        assert_eq!(list["type"], "presence", "{}: {list}", self.user);
-        let ack = self.answer(&id).await;
-        assert_eq!(ack["type"], "ack");
-        let members: Vec<String> = list["members"]
-            .as_array()
-            .expect("members")
-            .iter()
-            .map(|m| m.as_str().expect("a user name").to_owned())
-            .collect();
-        assert_eq!(list["count"], members.len(), "{list}");
-        members
+        let user = self.user.clone();
+        self.try_presence_list(room)
+            .await
+            .unwrap_or_else(|| panic!("{user}: the presence list of {room} was refused"))
     }
 
     /// The room's member list, or `None` when the node refused (`unavailable`).
@@ -1227,6 +1236,7 @@ impl Client {
             .iter()
             .map(|m| m.as_str().expect("a user name").to_owned())
             .collect();
+        assert_eq!(list["count"], members.len(), "{list}");
         members.sort();
         Some(members)
     }
